@@ -1,0 +1,213 @@
+//! Node configuration: command-line flags, each also readable from a
+//! `NATTER_*` environment variable, and optionally a TOML file (`--config`).
+//! Flags and environment win over the file.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use natter_raft_store::{RaftTimings, SyncMode};
+use serde::Deserialize;
+
+#[derive(Debug, Parser)]
+#[command(name = "natter-node", about = "A Natter storage node")]
+pub struct Flags {
+    /// TOML file with any of the settings below (flags and env override it).
+    #[arg(long, env = "NATTER_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// This node's id: unique in the cluster, never reused.
+    #[arg(long, env = "NATTER_NODE_ID")]
+    pub node_id: Option<u64>,
+    /// Address to listen on for gRPC (Raft and data API), e.g. 127.0.0.1:7001.
+    #[arg(long, env = "NATTER_LISTEN")]
+    pub listen: Option<String>,
+    /// Address peers and routers use to reach this node (default: --listen).
+    #[arg(long, env = "NATTER_ADVERTISE")]
+    pub advertise: Option<String>,
+    /// Directory of this node's RocksDB.
+    #[arg(long, env = "NATTER_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Region label of this node.
+    #[arg(long, env = "NATTER_REGION")]
+    pub region: Option<String>,
+    /// The cluster's first nodes, "id=host:port,..." (the same on each of them).
+    #[arg(long, env = "NATTER_INITIAL_CLUSTER")]
+    pub initial_cluster: Option<String>,
+    /// Number of data shards, fixed when the cluster is created.
+    #[arg(long, env = "NATTER_SHARDS")]
+    pub shards: Option<u32>,
+    /// Replicas per shard.
+    #[arg(long, env = "NATTER_REPLICAS")]
+    pub replicas: Option<usize>,
+    /// "group-commit" (default) or "per-write" (one fsync per append; benchmarks only).
+    #[arg(long, env = "NATTER_SYNC_MODE")]
+    pub sync_mode: Option<String>,
+    /// Snapshot every this many log entries.
+    #[arg(long, env = "NATTER_SNAPSHOT_LOGS")]
+    pub snapshot_logs: Option<u64>,
+    /// Log entries kept behind a snapshot.
+    #[arg(long, env = "NATTER_KEEP_LOGS")]
+    pub keep_logs: Option<u64>,
+    #[arg(long, env = "NATTER_HEARTBEAT_MS")]
+    pub heartbeat_ms: Option<u64>,
+    #[arg(long, env = "NATTER_ELECTION_MIN_MS")]
+    pub election_min_ms: Option<u64>,
+    #[arg(long, env = "NATTER_ELECTION_MAX_MS")]
+    pub election_max_ms: Option<u64>,
+    /// Skip the checksum pass over the data dir at start.
+    #[arg(long, env = "NATTER_NO_VERIFY")]
+    pub no_verify: bool,
+    /// Log as JSON lines.
+    #[arg(long, env = "NATTER_LOG_JSON")]
+    pub log_json: bool,
+}
+
+/// The TOML file's shape: the same names as the flags, in snake_case.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub node_id: Option<u64>,
+    pub listen: Option<String>,
+    pub advertise: Option<String>,
+    pub data_dir: Option<PathBuf>,
+    pub region: Option<String>,
+    pub initial_cluster: Option<String>,
+    pub shards: Option<u32>,
+    pub replicas: Option<usize>,
+    pub sync_mode: Option<String>,
+    pub raft: Option<RaftTimings>,
+}
+
+/// The resolved configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub node_id: u64,
+    pub listen: String,
+    pub advertise: String,
+    pub data_dir: PathBuf,
+    pub region: String,
+    pub initial_cluster: BTreeMap<u64, String>,
+    pub shards: u32,
+    pub replicas: usize,
+    pub sync_mode: SyncMode,
+    pub timings: RaftTimings,
+    pub verify: bool,
+    pub log_json: bool,
+}
+
+/// Default data shards: enough to spread load over a few nodes, few enough
+/// that a 2-core machine running three nodes idles cheaply.
+pub const DEFAULT_SHARDS: u32 = 8;
+pub const MAX_SHARDS: u32 = 1024;
+
+pub fn parse_cluster(s: &str) -> Result<BTreeMap<u64, String>> {
+    let mut out = BTreeMap::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (id, addr) = part
+            .split_once('=')
+            .with_context(|| format!("initial cluster entry {part:?} is not id=host:port"))?;
+        let id: u64 = id.trim().parse().with_context(|| format!("bad node id in {part:?}"))?;
+        if id == 0 {
+            bail!("node id 0 is reserved");
+        }
+        if out.insert(id, addr.trim().to_string()).is_some() {
+            bail!("node id {id} appears twice in the initial cluster");
+        }
+    }
+    Ok(out)
+}
+
+impl Config {
+    pub fn load(flags: Flags) -> Result<Config> {
+        let file: FileConfig = match &flags.config {
+            Some(p) => {
+                let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+                toml::from_str(&text).with_context(|| format!("parsing {}", p.display()))?
+            }
+            None => FileConfig::default(),
+        };
+        let node_id = flags.node_id.or(file.node_id).context("--node-id is required")?;
+        if node_id == 0 {
+            bail!("node id 0 is reserved");
+        }
+        let listen = flags.listen.or(file.listen).context("--listen is required")?;
+        let advertise = flags.advertise.or(file.advertise).unwrap_or_else(|| listen.clone());
+        let data_dir = flags.data_dir.or(file.data_dir).context("--data-dir is required")?;
+        let initial_cluster = match flags.initial_cluster.or(file.initial_cluster) {
+            Some(s) => parse_cluster(&s)?,
+            None => BTreeMap::from([(node_id, advertise.clone())]),
+        };
+        let shards = flags.shards.or(file.shards).unwrap_or(DEFAULT_SHARDS);
+        if shards == 0 || shards > MAX_SHARDS {
+            bail!("--shards must be 1..={MAX_SHARDS}");
+        }
+        let replicas = flags.replicas.or(file.replicas).unwrap_or(3);
+        if replicas == 0 {
+            bail!("--replicas must be at least 1");
+        }
+        let sync_mode = match flags.sync_mode.or(file.sync_mode).as_deref() {
+            None | Some("group-commit") => SyncMode::GroupCommit,
+            Some("per-write") => SyncMode::PerWrite,
+            Some(other) => bail!("unknown sync mode {other:?} (group-commit or per-write)"),
+        };
+        let mut timings = file.raft.unwrap_or_default();
+        if let Some(v) = flags.snapshot_logs {
+            timings.snapshot_logs = v;
+        }
+        if let Some(v) = flags.keep_logs {
+            timings.keep_logs = v;
+        }
+        if let Some(v) = flags.heartbeat_ms {
+            timings.heartbeat_ms = v;
+        }
+        if let Some(v) = flags.election_min_ms {
+            timings.election_min_ms = v;
+        }
+        if let Some(v) = flags.election_max_ms {
+            timings.election_max_ms = v;
+        }
+        Ok(Config {
+            node_id,
+            listen,
+            advertise,
+            data_dir,
+            region: flags.region.or(file.region).unwrap_or_else(|| "local".into()),
+            initial_cluster,
+            shards,
+            replicas,
+            sync_mode,
+            timings,
+            verify: !flags.no_verify,
+            log_json: flags.log_json,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn initial_cluster_parses_and_rejects_duplicates_and_zero() {
+        let c = parse_cluster("1=127.0.0.1:7001, 2=127.0.0.1:7002").unwrap();
+        assert_eq!(c.get(&2).map(String::as_str), Some("127.0.0.1:7002"));
+        assert!(parse_cluster("1=a:1,1=b:2").is_err());
+        assert!(parse_cluster("0=a:1").is_err());
+        assert!(parse_cluster("x").is_err());
+    }
+
+    #[test]
+    fn file_values_are_overridden_by_flags() {
+        let dir = std::env::temp_dir().join(format!("natter-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("n.toml");
+        std::fs::write(&path, "node_id = 4\nlisten = \"127.0.0.1:1\"\ndata_dir = \"/tmp/x\"\nshards = 4\n[raft]\nheartbeat_ms = 100\n").unwrap();
+        let flags = Flags::parse_from(["natter-node", "--config", path.to_str().unwrap(), "--shards", "6"]);
+        let c = Config::load(flags).unwrap();
+        assert_eq!((c.node_id, c.shards, c.timings.heartbeat_ms), (4, 6, 100));
+        std::fs::write(&path, "nodeid = 4\n").unwrap();
+        let flags = Flags::parse_from(["natter-node", "--config", path.to_str().unwrap()]);
+        assert!(Config::load(flags).is_err(), "unknown keys are rejected");
+    }
+}

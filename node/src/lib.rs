@@ -1,0 +1,110 @@
+//! A Natter node: hosts Raft groups (the meta group and data shards) on one
+//! RocksDB through `natter-raft-store`, serves their Raft traffic and the data
+//! API on one gRPC port, and runs the leader-side workers of its shards.
+//!
+//! Modules:
+//! - [`config`]: flags, environment and TOML;
+//! - [`meta`]: the meta group's state machine (node registry, placement);
+//! - [`api`]: the data API (propose, read, status, shard map);
+//! - [`bootstrap`]: which groups to start, and creating a new cluster;
+//! - [`workers`]: leader-side loops (outbox fan-out, expiry ticks).
+
+pub mod api;
+pub mod bootstrap;
+pub mod config;
+pub mod meta;
+pub mod remote;
+pub mod workers;
+
+use anyhow::{Context, Result};
+use natter_proto::cluster::node_server::NodeServer;
+use natter_raft_store::{HostConfig, RaftHost};
+
+/// The meta group's id; data shards are 1..=shard_count.
+pub const META_GROUP: u32 = 0;
+
+pub fn init_tracing(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=warn"));
+    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if json {
+        b.json().init();
+    } else {
+        b.init();
+    }
+}
+
+/// Runs the node until SIGINT or SIGTERM.
+pub async fn run(cfg: config::Config) -> Result<()> {
+    let host = RaftHost::open(HostConfig {
+        node_id: cfg.node_id,
+        addr: cfg.advertise.clone(),
+        data_dir: cfg.data_dir.clone(),
+        timings: cfg.timings.clone(),
+        sync_mode: cfg.sync_mode,
+        verify_on_open: cfg.verify,
+    })
+    .with_context(|| format!("node {} refuses to start on {}", cfg.node_id, cfg.data_dir.display()))?;
+
+    let listener = tokio::net::TcpListener::bind(&cfg.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", cfg.listen))?;
+    let api = api::NodeApi { host: host.clone(), region: cfg.region.clone() };
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let server = {
+        let host = host.clone();
+        let mut stop = stop_rx.clone();
+        tokio::spawn(async move {
+            tonic::transport::Server::builder()
+                .tcp_nodelay(true)
+                .add_service(host.transport_service())
+                .add_service(NodeServer::new(api).max_decoding_message_size(api::MAX_REQUEST_BYTES))
+                .serve_with_incoming_shutdown(tokio_stream_wrapper(listener), async move {
+                    let _ = stop.changed().await;
+                })
+                .await
+        })
+    };
+
+    bootstrap::start_groups(&host, &cfg).await?;
+    let workers = workers::spawn(host.clone(), stop_rx.clone());
+    tracing::info!(node = cfg.node_id, listen = %cfg.listen, groups = ?host.hosted(), "node ready");
+
+    shutdown_signal().await;
+    tracing::info!("shutting down");
+    let _ = stop_tx.send(true);
+    for w in workers {
+        let _ = w.await;
+    }
+    host.shutdown().await;
+    let _ = server.await;
+    Ok(())
+}
+
+fn tokio_stream_wrapper(
+    listener: tokio::net::TcpListener,
+) -> impl futures::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    futures::stream::unfold(listener, |l| async move {
+        let r = l.accept().await.map(|(s, _)| {
+            let _ = s.set_nodelay(true);
+            s
+        });
+        Some((r, l))
+    })
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+

@@ -1,0 +1,95 @@
+//! Group commit: one WAL fsync shared by every append that is waiting for one.
+//!
+//! Appends of every group on the node write their batch to RocksDB without
+//! syncing (the entries are readable at once, as openraft requires), then hand
+//! their completion callback to the [`Syncer`]. Its thread takes every callback
+//! queued so far, fsyncs the WAL once, and completes them all. Callbacks that
+//! arrive during an fsync ride the next one, so under load one fsync covers
+//! many appends of many groups, and an idle node does no fsync at all.
+//!
+//! Because a callback is queued only after its write returned, and the WAL is
+//! sequential, the fsync that follows the dequeue covers that write.
+//!
+//! [`SyncMode::PerWrite`] turns this off: each append is written with
+//! `sync = true` under one lock, one fsync per append — the baseline the
+//! benchmark compares against.
+
+use std::io;
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::Instant;
+
+use rocksdb::DB;
+
+/// How appends reach the disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+pub enum SyncMode {
+    /// One shared WAL fsync for all appends waiting at that moment (default).
+    #[default]
+    GroupCommit,
+    /// One fsync per append, serialised. For benchmarks only.
+    PerWrite,
+}
+
+type Done = Box<dyn FnOnce(io::Result<()>) + Send>;
+
+/// Statistics of the syncer, for metrics and the benchmark.
+#[derive(Debug, Default)]
+pub struct SyncStats {
+    pub fsyncs: std::sync::atomic::AtomicU64,
+    pub appends: std::sync::atomic::AtomicU64,
+    pub fsync_micros: std::sync::atomic::AtomicU64,
+}
+
+pub struct Syncer {
+    tx: mpsc::Sender<Done>,
+    pub stats: Arc<SyncStats>,
+}
+
+impl Syncer {
+    /// Starts the syncer thread. It ends when the `Syncer` is dropped.
+    pub fn start(db: Arc<DB>) -> Syncer {
+        let (tx, rx) = mpsc::channel::<Done>();
+        let stats = Arc::new(SyncStats::default());
+        let st = stats.clone();
+        let spawned = std::thread::Builder::new()
+            .name("natter-wal-sync".into())
+            .spawn(move || run(db, rx, st));
+        if let Err(e) = spawned {
+            // Without the thread every append would wait forever; failing
+            // loudly at start is the only honest option.
+            tracing::error!("cannot start the WAL sync thread: {e}");
+        }
+        Syncer { tx, stats }
+    }
+
+    /// Calls `done` once everything written before this call is on disk.
+    pub fn after_sync(&self, done: Done) {
+        if let Err(mpsc::SendError(done)) = self.tx.send(done) {
+            done(Err(io::Error::other("the WAL sync thread has stopped")));
+        }
+    }
+}
+
+fn run(db: Arc<DB>, rx: mpsc::Receiver<Done>, stats: Arc<SyncStats>) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut waiting: Vec<Done> = Vec::new();
+    while let Ok(first) = rx.recv() {
+        waiting.push(first);
+        waiting.extend(rx.try_iter());
+        let start = Instant::now();
+        let res = db.flush_wal(true);
+        stats.fsyncs.fetch_add(1, Relaxed);
+        stats.appends.fetch_add(waiting.len() as u64, Relaxed);
+        stats
+            .fsync_micros
+            .fetch_add(start.elapsed().as_micros() as u64, Relaxed);
+        for done in waiting.drain(..) {
+            done(
+                res.as_ref()
+                    .map(|_| ())
+                    .map_err(|e| io::Error::other(format!("WAL fsync failed: {e}"))),
+            );
+        }
+    }
+}

@@ -1,0 +1,406 @@
+//! [`RaftHost`]: the groups one node hosts, and the interface the rest of
+//! Natter uses to reach them (propose, read, membership, status). Nothing
+//! outside this crate names openraft.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use natter_kv::StateMachine;
+use natter_proto::cluster::raft_transport_server::RaftTransportServer;
+use openraft::error::{ClientWriteError, InitializeError, RaftError};
+use openraft::{BasicNode, ChangeMembers, Config, ServerState, SnapshotPolicy};
+use rocksdb::{IteratorMode, DB};
+use serde::{Deserialize, Serialize};
+
+use crate::db::{self, CF_META, TAG_VOTE};
+use crate::group_commit::{SyncMode, Syncer};
+use crate::log_store::LogStore;
+use crate::network::{NetworkFactory, Peers, MAX_RAFT_MESSAGE};
+use crate::service::TransportService;
+use crate::sm_store::SmStore;
+use crate::types::{Command, NodeId, Raft};
+use crate::{Error, Shared, StoreError};
+
+/// Raft timings and log-compaction knobs, the same for every group.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RaftTimings {
+    /// Leader heartbeat period. Slow on purpose: dozens of idle groups per
+    /// node each send one per follower per period.
+    pub heartbeat_ms: u64,
+    pub election_min_ms: u64,
+    pub election_max_ms: u64,
+    /// Build a snapshot (and purge the log behind it) every this many entries.
+    pub snapshot_logs: u64,
+    /// Entries kept behind a snapshot, so a briefly lagging follower catches up
+    /// from the log instead of a snapshot.
+    pub keep_logs: u64,
+    /// Per snapshot chunk.
+    pub install_snapshot_timeout_ms: u64,
+}
+
+impl Default for RaftTimings {
+    fn default() -> Self {
+        RaftTimings {
+            heartbeat_ms: 250,
+            election_min_ms: 1000,
+            election_max_ms: 2000,
+            snapshot_logs: 20_000,
+            keep_logs: 1_000,
+            install_snapshot_timeout_ms: 10_000,
+        }
+    }
+}
+
+/// What a node needs to host groups.
+#[derive(Debug, Clone)]
+pub struct HostConfig {
+    pub node_id: NodeId,
+    /// This node's Raft address ("host:port"), as peers reach it.
+    pub addr: String,
+    pub data_dir: PathBuf,
+    pub timings: RaftTimings,
+    pub sync_mode: SyncMode,
+    /// Checksum every stored block at start.
+    pub verify_on_open: bool,
+}
+
+/// Read consistency.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Consistency {
+    /// Confirmed leader (read-index), served once applied up to it.
+    Linearizable,
+    /// This replica's applied state, possibly behind.
+    Stale,
+}
+
+/// Result of a committed proposal.
+#[derive(Debug, Clone)]
+pub struct Proposed {
+    pub response: Vec<u8>,
+    pub index: u64,
+}
+
+/// A group as this node sees it.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct GroupStatus {
+    pub group: u32,
+    pub state: String,
+    pub term: u64,
+    pub leader: Option<NodeId>,
+    pub last_log_index: u64,
+    pub applied_index: u64,
+    pub snapshot_index: u64,
+    pub purged_index: u64,
+    pub voters: Vec<NodeId>,
+    pub learners: Vec<NodeId>,
+    /// Per follower, the last index it is known to hold (leader only).
+    pub matched: BTreeMap<NodeId, u64>,
+}
+
+#[derive(Clone)]
+struct Group {
+    raft: Raft,
+    sm: SmStore,
+}
+
+/// Every Raft group hosted on this node, over one RocksDB.
+pub struct RaftHost {
+    cfg: HostConfig,
+    shared: Arc<Shared>,
+    peers: Arc<Peers>,
+    groups: RwLock<HashMap<u32, Group>>,
+}
+
+fn not_leader<E>(group: u32, fwd: Option<(NodeId, Option<BasicNode>)>) -> Error {
+    let _ = std::marker::PhantomData::<E>;
+    Error::NotLeader {
+        group,
+        leader: fwd.map(|(id, n)| (id, n.map(|n| n.addr).unwrap_or_default())),
+    }
+}
+
+impl RaftHost {
+    /// Opens the node's database (refusing a damaged or foreign one) and the
+    /// shared WAL syncer. Groups are started separately.
+    pub fn open(cfg: HostConfig) -> Result<Arc<RaftHost>, Error> {
+        std::fs::create_dir_all(&cfg.data_dir)
+            .map_err(|e| StoreError::Corrupt(format!("cannot create {}: {e}", cfg.data_dir.display())))?;
+        let db = Arc::new(db::open(&cfg.data_dir, cfg.node_id, cfg.verify_on_open)?);
+        let syncer = Syncer::start(db.clone());
+        let shared = Arc::new(Shared { db, syncer, sync_mode: cfg.sync_mode, per_write_lock: Default::default() });
+        Ok(Arc::new(RaftHost { cfg, shared, peers: Arc::new(Peers::default()), groups: RwLock::new(HashMap::new()) }))
+    }
+
+    pub fn node_id(&self) -> NodeId {
+        self.cfg.node_id
+    }
+
+    pub fn addr(&self) -> &str {
+        &self.cfg.addr
+    }
+
+    /// Groups that have Raft state on disk (a saved vote), i.e. that this node
+    /// hosted before it stopped.
+    pub fn groups_on_disk(&self) -> Result<BTreeSet<u32>, Error> {
+        let db: &DB = &self.shared.db;
+        let mut out = BTreeSet::new();
+        for item in db.iterator_cf(db::cf(db, CF_META)?, IteratorMode::Start) {
+            let (k, _) = item.map_err(StoreError::rocks)?;
+            if k.len() == 5 && k[4] == TAG_VOTE {
+                out.insert(u32::from_be_bytes([k[0], k[1], k[2], k[3]]));
+            }
+        }
+        Ok(out)
+    }
+
+    fn raft_config(&self) -> Result<Arc<Config>, Error> {
+        let t = &self.cfg.timings;
+        let c = Config {
+            cluster_name: "natter".into(),
+            heartbeat_interval: t.heartbeat_ms,
+            election_timeout_min: t.election_min_ms,
+            election_timeout_max: t.election_max_ms,
+            install_snapshot_timeout: t.install_snapshot_timeout_ms,
+            max_payload_entries: 512,
+            snapshot_policy: SnapshotPolicy::LogsSinceLast(t.snapshot_logs),
+            max_in_snapshot_log_to_keep: t.keep_logs,
+            // Purge as soon as a snapshot allows, in batches no larger than
+            // a snapshot interval.
+            purge_batch_size: t.snapshot_logs.clamp(1, 256),
+            snapshot_max_chunk_size: 1024 * 1024,
+            ..Default::default()
+        };
+        Ok(Arc::new(c.validate().map_err(|e| Error::Config(e.to_string()))?))
+    }
+
+    /// Starts (or restarts from disk) `group` with `machine` as its state
+    /// machine. Starting a running group again does nothing.
+    pub async fn start_group(&self, group: u32, machine: Arc<dyn StateMachine>) -> Result<(), Error> {
+        if self.groups.read().map_err(|_| Error::Poisoned)?.contains_key(&group) {
+            return Ok(());
+        }
+        let log = LogStore::new(group, self.shared.clone());
+        log.check()?;
+        let sm = SmStore::new(group, self.shared.clone(), machine);
+        let net = NetworkFactory { group, from: self.cfg.node_id, peers: self.peers.clone() };
+        let raft = Raft::new(self.cfg.node_id, self.raft_config()?, net, log, sm.clone())
+            .await
+            .map_err(|e| Error::Raft(format!("group {group}: {e}")))?;
+        self.groups.write().map_err(|_| Error::Poisoned)?.entry(group).or_insert(Group { raft, sm });
+        Ok(())
+    }
+
+    pub(crate) fn raft(&self, group: u32) -> Option<Raft> {
+        self.groups.read().ok()?.get(&group).map(|g| g.raft.clone())
+    }
+
+    fn group(&self, group: u32) -> Result<Group, Error> {
+        self.groups
+            .read()
+            .map_err(|_| Error::Poisoned)?
+            .get(&group)
+            .cloned()
+            .ok_or(Error::UnknownGroup(group))
+    }
+
+    /// The groups running on this node.
+    pub fn hosted(&self) -> Vec<u32> {
+        let mut v: Vec<u32> = self.groups.read().map(|g| g.keys().copied().collect()).unwrap_or_default();
+        v.sort_unstable();
+        v
+    }
+
+    /// Makes `members` the first voters of a new group. Harmless on a group
+    /// that already has state (it is then a no-op).
+    pub async fn initialize(&self, group: u32, members: &BTreeMap<NodeId, String>) -> Result<(), Error> {
+        let g = self.group(group)?;
+        let nodes: BTreeMap<NodeId, BasicNode> =
+            members.iter().map(|(id, addr)| (*id, BasicNode { addr: addr.clone() })).collect();
+        match g.raft.initialize(nodes).await {
+            Ok(()) => Ok(()),
+            Err(RaftError::APIError(InitializeError::NotAllowed(_))) => Ok(()),
+            Err(e) => Err(Error::Raft(format!("initializing group {group}: {e}"))),
+        }
+    }
+
+    /// Replicates `command` to a majority (fsynced), applies it, and returns
+    /// the state machine's response.
+    pub async fn propose(&self, group: u32, command: Vec<u8>) -> Result<Proposed, Error> {
+        let g = self.group(group)?;
+        match g.raft.client_write(Command(command)).await {
+            Ok(r) => Ok(Proposed { response: r.data.0, index: r.log_id.index }),
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
+                Err(not_leader::<()>(group, f.leader_id.map(|id| (id, f.leader_node))))
+            }
+            Err(e) => Err(Error::Raft(format!("group {group}: {e}"))),
+        }
+    }
+
+    /// Answers `query` from the group's state machine.
+    pub async fn read(&self, group: u32, query: &[u8], consistency: Consistency) -> Result<(Vec<u8>, u64), Error> {
+        let g = self.group(group)?;
+        if consistency == Consistency::Linearizable {
+            if let Err(e) = g.raft.ensure_linearizable().await {
+                return Err(match e {
+                    RaftError::APIError(openraft::error::CheckIsLeaderError::ForwardToLeader(f)) => {
+                        not_leader::<()>(group, f.leader_id.map(|id| (id, f.leader_node)))
+                    }
+                    other => Error::Raft(format!("group {group}: {other}")),
+                });
+            }
+        }
+        let applied = g.raft.metrics().borrow().last_applied.map(|l| l.index).unwrap_or(0);
+        Ok((g.sm.query(query)?, applied))
+    }
+
+    /// Adds `node` as a learner and waits until it has caught up.
+    pub async fn add_learner(&self, group: u32, node: NodeId, addr: &str) -> Result<(), Error> {
+        let g = self.group(group)?;
+        g.raft
+            .add_learner(node, BasicNode { addr: addr.to_string() }, true)
+            .await
+            .map(|_| ())
+            .map_err(|e| self.write_err(group, e))
+    }
+
+    /// Makes `voters` the group's voting members (joint consensus).
+    pub async fn change_voters(&self, group: u32, voters: BTreeSet<NodeId>) -> Result<(), Error> {
+        let g = self.group(group)?;
+        g.raft
+            .change_membership(ChangeMembers::ReplaceAllVoters(voters), false)
+            .await
+            .map(|_| ())
+            .map_err(|e| self.write_err(group, e))
+    }
+
+    fn write_err(&self, group: u32, e: RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>) -> Error {
+        match e {
+            RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => {
+                not_leader::<()>(group, f.leader_id.map(|id| (id, f.leader_node)))
+            }
+            other => Error::Raft(format!("group {group}: {other}")),
+        }
+    }
+
+    /// Asks the group to build a snapshot now (and purge its log behind it).
+    pub async fn trigger_snapshot(&self, group: u32) -> Result<(), Error> {
+        self.group(group)?
+            .raft
+            .trigger()
+            .snapshot()
+            .await
+            .map_err(|e| Error::Raft(e.to_string()))
+    }
+
+    /// Starts an election for `group` on this node now. openraft 0.9 has no
+    /// leader transfer; a campaign by the chosen node is the hand-off: it wins
+    /// when its log is at least as up to date as the voters'.
+    pub async fn campaign(&self, group: u32) -> Result<(), Error> {
+        self.group(group)?.raft.trigger().elect().await.map_err(|e| Error::Raft(e.to_string()))
+    }
+
+    /// Whether this node currently leads `group`.
+    pub fn is_leader(&self, group: u32) -> bool {
+        self.raft(group)
+            .map(|r| r.metrics().borrow().state == ServerState::Leader)
+            .unwrap_or(false)
+    }
+
+    /// The leader of `group` as this node knows it: (id, address).
+    pub fn leader(&self, group: u32) -> Option<(NodeId, String)> {
+        let raft = self.raft(group)?;
+        let m = raft.metrics().borrow().clone();
+        let id = m.current_leader?;
+        let addr = m.membership_config.membership().get_node(&id).map(|n| n.addr.clone()).unwrap_or_default();
+        Some((id, addr))
+    }
+
+    /// Waits until `group`'s applied index changes (or `timeout` passes);
+    /// returns the applied index. For workers that react to new commits.
+    pub async fn wait_applied_change(&self, group: u32, timeout: Duration) -> Result<u64, Error> {
+        let raft = self.group(group)?.raft;
+        let mut rx = raft.metrics();
+        let before = rx.borrow().last_applied.map(|l| l.index).unwrap_or(0);
+        let _ = tokio::time::timeout(timeout, async {
+            while rx.changed().await.is_ok() {
+                if rx.borrow().last_applied.map(|l| l.index).unwrap_or(0) != before {
+                    break;
+                }
+            }
+        })
+        .await;
+        let now = rx.borrow().last_applied.map(|l| l.index).unwrap_or(0);
+        Ok(now)
+    }
+
+    /// This node's view of every group it hosts.
+    pub fn status(&self) -> Vec<GroupStatus> {
+        let groups: Vec<(u32, Raft)> = match self.groups.read() {
+            Ok(g) => g.iter().map(|(id, g)| (*id, g.raft.clone())).collect(),
+            Err(_) => return Vec::new(),
+        };
+        let mut out: Vec<GroupStatus> = groups
+            .into_iter()
+            .map(|(group, raft)| {
+                let m = raft.metrics().borrow().clone();
+                let membership = m.membership_config.membership();
+                GroupStatus {
+                    group,
+                    state: format!("{:?}", m.state),
+                    term: m.current_term,
+                    leader: m.current_leader,
+                    last_log_index: m.last_log_index.unwrap_or(0),
+                    applied_index: m.last_applied.map(|l| l.index).unwrap_or(0),
+                    snapshot_index: m.snapshot.map(|l| l.index).unwrap_or(0),
+                    purged_index: m.purged.map(|l| l.index).unwrap_or(0),
+                    voters: membership.voter_ids().collect(),
+                    learners: membership.learner_ids().collect(),
+                    matched: m
+                        .replication
+                        .as_ref()
+                        .map(|r| r.iter().map(|(id, l)| (*id, l.map(|l| l.index).unwrap_or(0))).collect())
+                        .unwrap_or_default(),
+                }
+            })
+            .collect();
+        out.sort_by_key(|g| g.group);
+        out
+    }
+
+    /// WAL fsyncs and appends so far (group-commit effectiveness).
+    pub fn sync_stats(&self) -> (u64, u64, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let s = &self.shared.syncer.stats;
+        (s.fsyncs.load(Relaxed), s.appends.load(Relaxed), s.fsync_micros.load(Relaxed))
+    }
+
+    /// The gRPC service carrying every hosted group's Raft traffic.
+    pub fn transport_service(self: &Arc<Self>) -> RaftTransportServer<TransportService> {
+        RaftTransportServer::new(TransportService { host: self.clone() })
+            .max_decoding_message_size(MAX_RAFT_MESSAGE)
+            .max_encoding_message_size(MAX_RAFT_MESSAGE)
+    }
+
+    /// Stops every group. The database closes when the last handle drops.
+    pub async fn shutdown(&self) {
+        let groups: Vec<Raft> = match self.groups.write() {
+            Ok(mut g) => g.drain().map(|(_, g)| g.raft).collect(),
+            Err(_) => return,
+        };
+        for raft in groups {
+            let _ = raft.shutdown().await;
+        }
+        // Memtables to SST files: a clean stop restarts without WAL replay.
+        for name in [db::CF_LOG, db::CF_META, db::CF_SM] {
+            if let Ok(cf) = db::cf(&self.shared.db, name) {
+                if let Err(e) = self.shared.db.flush_cf(cf) {
+                    tracing::warn!("flushing {name} at shutdown: {e}");
+                }
+            }
+        }
+        let _ = self.shared.db.flush_wal(true);
+    }
+}
