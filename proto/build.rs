@@ -14,7 +14,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     println!("cargo:rerun-if-changed=natter");
     let fds = protox::compile(&files, ["."])?;
-    tonic_prost_build::configure()
-        .compile_fds(fds)?;
+    tonic_prost_build::configure().compile_fds(fds)?;
     Ok(())
 }

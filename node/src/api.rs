@@ -10,8 +10,9 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use natter_model::pb;
 use natter_proto::cluster::node_server::Node;
 use natter_proto::cluster::{
-    propose_reply, read_reply, Consistency as PbConsistency, GroupStatus as PbGroupStatus, MetaResponse, NotLeader,
-    ProposeReply, ProposeRequest, ReadReply, ReadRequest, ShardMap, ShardMapRequest, StatusReply, StatusRequest, TransferLeaderReply, TransferLeaderRequest,
+    propose_reply, read_reply, Consistency as PbConsistency, GroupStatus as PbGroupStatus,
+    MetaResponse, NotLeader, ProposeReply, ProposeRequest, ReadReply, ReadRequest, ShardMap,
+    ShardMapRequest, StatusReply, StatusRequest, TransferLeaderReply, TransferLeaderRequest,
 };
 use natter_raft_store::{Consistency, Error, RaftHost};
 use prost::Message;
@@ -29,12 +30,16 @@ pub struct NodeApi {
 }
 
 pub fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 /// Puts the leader's clock into a model command.
 pub fn stamp_command(command: &[u8], now_ms: u64) -> Result<Vec<u8>, Status> {
-    let mut cmd = pb::Command::decode(command).map_err(|e| Status::invalid_argument(format!("undecodable command: {e}")))?;
+    let mut cmd = pb::Command::decode(command)
+        .map_err(|e| Status::invalid_argument(format!("undecodable command: {e}")))?;
     cmd.stamp = Some(pb::Stamp { now_ms });
     Ok(cmd.encode_to_vec())
 }
@@ -42,7 +47,8 @@ pub fn stamp_command(command: &[u8], now_ms: u64) -> Result<Vec<u8>, Status> {
 /// Puts this node's clock into a model query (used only to hide messages
 /// that expired but are not yet purged).
 pub fn stamp_query(query: &[u8], now_ms: u64) -> Result<Vec<u8>, Status> {
-    let mut q = pb::Query::decode(query).map_err(|e| Status::invalid_argument(format!("undecodable query: {e}")))?;
+    let mut q = pb::Query::decode(query)
+        .map_err(|e| Status::invalid_argument(format!("undecodable query: {e}")))?;
     q.now_ms = now_ms;
     Ok(q.encode_to_vec())
 }
@@ -52,9 +58,14 @@ fn classify(e: Error) -> Result<NotLeader, Status> {
     match e {
         Error::NotLeader { leader, .. } => {
             let (leader_id, leader_addr) = leader.unwrap_or((0, String::new()));
-            Ok(NotLeader { leader_id, leader_addr })
+            Ok(NotLeader {
+                leader_id,
+                leader_addr,
+            })
         }
-        Error::UnknownGroup(g) => Err(Status::not_found(format!("shard {g} is not hosted on this node"))),
+        Error::UnknownGroup(g) => Err(Status::not_found(format!(
+            "shard {g} is not hosted on this node"
+        ))),
         Error::Raft(m) => Err(Status::unavailable(m)),
         other => Err(Status::internal(other.to_string())),
     }
@@ -70,27 +81,57 @@ fn consistency(c: i32) -> Result<Consistency, Status> {
 
 #[tonic::async_trait]
 impl Node for NodeApi {
-    async fn propose(&self, request: Request<ProposeRequest>) -> Result<Response<ProposeReply>, Status> {
+    async fn propose(
+        &self,
+        request: Request<ProposeRequest>,
+    ) -> Result<Response<ProposeReply>, Status> {
         let req = request.into_inner();
-        let command = if req.shard == META_GROUP { req.command } else { stamp_command(&req.command, now_ms())? };
+        let command = if req.shard == META_GROUP {
+            req.command
+        } else {
+            stamp_command(&req.command, now_ms())?
+        };
         let reply = match self.host.propose(req.shard, command).await {
-            Ok(p) => ProposeReply { result: Some(propose_reply::Result::Response(p.response)), index: p.index },
-            Err(e) => ProposeReply { result: Some(propose_reply::Result::NotLeader(classify(e)?)), index: 0 },
+            Ok(p) => ProposeReply {
+                result: Some(propose_reply::Result::Response(p.response)),
+                index: p.index,
+            },
+            Err(e) => ProposeReply {
+                result: Some(propose_reply::Result::NotLeader(classify(e)?)),
+                index: 0,
+            },
         };
         Ok(Response::new(reply))
     }
 
     async fn read(&self, request: Request<ReadRequest>) -> Result<Response<ReadReply>, Status> {
         let req = request.into_inner();
-        let query = if req.shard == META_GROUP { req.query } else { stamp_query(&req.query, now_ms())? };
-        let reply = match self.host.read(req.shard, &query, consistency(req.consistency)?).await {
-            Ok((r, applied)) => ReadReply { result: Some(read_reply::Result::Response(r)), applied_index: applied },
-            Err(e) => ReadReply { result: Some(read_reply::Result::NotLeader(classify(e)?)), applied_index: 0 },
+        let query = if req.shard == META_GROUP {
+            req.query
+        } else {
+            stamp_query(&req.query, now_ms())?
+        };
+        let reply = match self
+            .host
+            .read(req.shard, &query, consistency(req.consistency)?)
+            .await
+        {
+            Ok((r, applied)) => ReadReply {
+                result: Some(read_reply::Result::Response(r)),
+                applied_index: applied,
+            },
+            Err(e) => ReadReply {
+                result: Some(read_reply::Result::NotLeader(classify(e)?)),
+                applied_index: 0,
+            },
         };
         Ok(Response::new(reply))
     }
 
-    async fn status(&self, _request: Request<StatusRequest>) -> Result<Response<StatusReply>, Status> {
+    async fn status(
+        &self,
+        _request: Request<StatusRequest>,
+    ) -> Result<Response<StatusReply>, Status> {
         let groups = self
             .host
             .status()
@@ -109,28 +150,45 @@ impl Node for NodeApi {
                 learners: g.learners,
             })
             .collect();
+        let (wal_fsyncs, wal_appends, _) = self.host.sync_stats();
         Ok(Response::new(StatusReply {
             node_id: self.host.node_id(),
             addr: self.host.addr().to_string(),
             region: self.region.clone(),
             groups,
+            wal_fsyncs,
+            wal_appends,
         }))
     }
 
-    async fn transfer_leader(&self, request: Request<TransferLeaderRequest>) -> Result<Response<TransferLeaderReply>, Status> {
-        self.host.campaign(request.into_inner().shard).await.map_err(|e| match e {
-            Error::UnknownGroup(g) => Status::not_found(format!("shard {g} is not hosted on this node")),
-            other => Status::unavailable(other.to_string()),
-        })?;
+    async fn transfer_leader(
+        &self,
+        request: Request<TransferLeaderRequest>,
+    ) -> Result<Response<TransferLeaderReply>, Status> {
+        self.host
+            .campaign(request.into_inner().shard)
+            .await
+            .map_err(|e| match e {
+                Error::UnknownGroup(g) => {
+                    Status::not_found(format!("shard {g} is not hosted on this node"))
+                }
+                other => Status::unavailable(other.to_string()),
+            })?;
         Ok(Response::new(TransferLeaderReply {}))
     }
 
-    async fn shard_map(&self, request: Request<ShardMapRequest>) -> Result<Response<ShardMap>, Status> {
+    async fn shard_map(
+        &self,
+        request: Request<ShardMapRequest>,
+    ) -> Result<Response<ShardMap>, Status> {
         let c = consistency(request.into_inner().consistency)?;
         match self.host.read(META_GROUP, &[], c).await {
             Ok((raw, _)) => {
-                let r = MetaResponse::decode(raw.as_slice()).map_err(|e| Status::internal(e.to_string()))?;
-                r.map.map(Response::new).ok_or_else(|| Status::unavailable("the cluster is not initialized yet"))
+                let r = MetaResponse::decode(raw.as_slice())
+                    .map_err(|e| Status::internal(e.to_string()))?;
+                r.map
+                    .map(Response::new)
+                    .ok_or_else(|| Status::unavailable("the cluster is not initialized yet"))
             }
             Err(e) => {
                 let nl = classify(e)?;

@@ -30,7 +30,11 @@ pub async fn start_groups(host: &Arc<RaftHost>, cfg: &Config) -> Result<()> {
     let nodes: Vec<u64> = cfg.initial_cluster.keys().copied().collect();
     let placement = initial_placement(&nodes, cfg.shards, cfg.replicas);
 
-    let mut mine: BTreeSet<u32> = on_disk.iter().copied().filter(|g| *g != META_GROUP).collect();
+    let mut mine: BTreeSet<u32> = on_disk
+        .iter()
+        .copied()
+        .filter(|g| *g != META_GROUP)
+        .collect();
     for p in &placement {
         if p.replicas.contains(&me) {
             mine.insert(p.shard);
@@ -42,7 +46,9 @@ pub async fn start_groups(host: &Arc<RaftHost>, cfg: &Config) -> Result<()> {
     }
 
     let addr_of = |ids: &[u64]| -> BTreeMap<u64, String> {
-        ids.iter().filter_map(|id| cfg.initial_cluster.get(id).map(|a| (*id, a.clone()))).collect()
+        ids.iter()
+            .filter_map(|id| cfg.initial_cluster.get(id).map(|a| (*id, a.clone())))
+            .collect()
     };
     // Only groups without state are initialized (a no-op otherwise, but a
     // noisy one).
@@ -62,7 +68,11 @@ pub async fn start_groups(host: &Arc<RaftHost>, cfg: &Config) -> Result<()> {
             nodes: cfg
                 .initial_cluster
                 .iter()
-                .map(|(id, addr)| NodeInfo { id: *id, addr: addr.clone(), region: cfg.region.clone() })
+                .map(|(id, addr)| NodeInfo {
+                    id: *id,
+                    addr: addr.clone(),
+                    region: cfg.region.clone(),
+                })
                 .collect(),
             shards: placement,
             max_node_id: nodes.last().copied().unwrap_or(0),
@@ -80,10 +90,17 @@ pub async fn start_groups(host: &Arc<RaftHost>, cfg: &Config) -> Result<()> {
 /// Waits until the meta group holds the layout, proposing it whenever this
 /// node is the meta leader.
 async fn record_layout(host: &RaftHost, map: ShardMap) -> Result<()> {
-    let cmd = MetaCommand { op: Some(Op::Init(map)) }.encode_to_vec();
+    let cmd = MetaCommand {
+        op: Some(Op::Init(map)),
+    }
+    .encode_to_vec();
     for _ in 0..1200 {
         let (raw, _) = host.read(META_GROUP, &[], Consistency::Stale).await?;
-        if MetaResponse::decode(raw.as_slice()).context("meta response")?.map.is_some() {
+        if MetaResponse::decode(raw.as_slice())
+            .context("meta response")?
+            .map
+            .is_some()
+        {
             return Ok(());
         }
         if host.is_leader(META_GROUP) {

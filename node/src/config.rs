@@ -107,7 +107,10 @@ pub fn parse_cluster(s: &str) -> Result<BTreeMap<u64, String>> {
         let (id, addr) = part
             .split_once('=')
             .with_context(|| format!("initial cluster entry {part:?} is not id=host:port"))?;
-        let id: u64 = id.trim().parse().with_context(|| format!("bad node id in {part:?}"))?;
+        let id: u64 = id
+            .trim()
+            .parse()
+            .with_context(|| format!("bad node id in {part:?}"))?;
         if id == 0 {
             bail!("node id 0 is reserved");
         }
@@ -122,18 +125,31 @@ impl Config {
     pub fn load(flags: Flags) -> Result<Config> {
         let file: FileConfig = match &flags.config {
             Some(p) => {
-                let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+                let text = std::fs::read_to_string(p)
+                    .with_context(|| format!("reading {}", p.display()))?;
                 toml::from_str(&text).with_context(|| format!("parsing {}", p.display()))?
             }
             None => FileConfig::default(),
         };
-        let node_id = flags.node_id.or(file.node_id).context("--node-id is required")?;
+        let node_id = flags
+            .node_id
+            .or(file.node_id)
+            .context("--node-id is required")?;
         if node_id == 0 {
             bail!("node id 0 is reserved");
         }
-        let listen = flags.listen.or(file.listen).context("--listen is required")?;
-        let advertise = flags.advertise.or(file.advertise).unwrap_or_else(|| listen.clone());
-        let data_dir = flags.data_dir.or(file.data_dir).context("--data-dir is required")?;
+        let listen = flags
+            .listen
+            .or(file.listen)
+            .context("--listen is required")?;
+        let advertise = flags
+            .advertise
+            .or(file.advertise)
+            .unwrap_or_else(|| listen.clone());
+        let data_dir = flags
+            .data_dir
+            .or(file.data_dir)
+            .context("--data-dir is required")?;
         let initial_cluster = match flags.initial_cluster.or(file.initial_cluster) {
             Some(s) => parse_cluster(&s)?,
             None => BTreeMap::from([(node_id, advertise.clone())]),
@@ -172,7 +188,10 @@ impl Config {
             listen,
             advertise,
             data_dir,
-            region: flags.region.or(file.region).unwrap_or_else(|| "local".into()),
+            region: flags
+                .region
+                .or(file.region)
+                .unwrap_or_else(|| "local".into()),
             initial_cluster,
             shards,
             replicas,
@@ -203,7 +222,13 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("n.toml");
         std::fs::write(&path, "node_id = 4\nlisten = \"127.0.0.1:1\"\ndata_dir = \"/tmp/x\"\nshards = 4\n[raft]\nheartbeat_ms = 100\n").unwrap();
-        let flags = Flags::parse_from(["natter-node", "--config", path.to_str().unwrap(), "--shards", "6"]);
+        let flags = Flags::parse_from([
+            "natter-node",
+            "--config",
+            path.to_str().unwrap(),
+            "--shards",
+            "6",
+        ]);
         let c = Config::load(flags).unwrap();
         assert_eq!((c.node_id, c.shards, c.timings.heartbeat_ms), (4, 6, 100));
         std::fs::write(&path, "nodeid = 4\n").unwrap();

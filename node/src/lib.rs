@@ -26,7 +26,9 @@ pub const META_GROUP: u32 = 0;
 pub fn init_tracing(json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=warn"));
-    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     if json {
         b.json().init();
     } else {
@@ -44,12 +46,21 @@ pub async fn run(cfg: config::Config) -> Result<()> {
         sync_mode: cfg.sync_mode,
         verify_on_open: cfg.verify,
     })
-    .with_context(|| format!("node {} refuses to start on {}", cfg.node_id, cfg.data_dir.display()))?;
+    .with_context(|| {
+        format!(
+            "node {} refuses to start on {}",
+            cfg.node_id,
+            cfg.data_dir.display()
+        )
+    })?;
 
     let listener = tokio::net::TcpListener::bind(&cfg.listen)
         .await
         .with_context(|| format!("cannot listen on {}", cfg.listen))?;
-    let api = api::NodeApi { host: host.clone(), region: cfg.region.clone() };
+    let api = api::NodeApi {
+        host: host.clone(),
+        region: cfg.region.clone(),
+    };
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let server = {
         let host = host.clone();
@@ -107,4 +118,3 @@ async fn shutdown_signal() {
         _ = term.recv() => {}
     }
 }
-

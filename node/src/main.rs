@@ -7,6 +7,8 @@ fn main() -> Result<()> {
     let flags = natter_node::config::Flags::parse();
     let cfg = natter_node::config::Config::load(flags)?;
     natter_node::init_tracing(cfg.log_json);
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     rt.block_on(natter_node::run(cfg))
 }

@@ -3,7 +3,9 @@
 //! nodes as voters), so any node can tell a router where a shard lives.
 
 use natter_kv::{KvError, KvRead, KvResult, KvWrite, StateMachine};
-use natter_proto::cluster::{meta_command::Op, MetaCommand, MetaResponse, NodeInfo, ShardMap, ShardPlacement};
+use natter_proto::cluster::{
+    meta_command::Op, MetaCommand, MetaResponse, NodeInfo, ShardMap, ShardPlacement,
+};
 use prost::Message;
 
 const MAP_KEY: &[u8] = b"shard-map";
@@ -15,12 +17,19 @@ fn load(kv: &dyn KvRead) -> KvResult<Option<ShardMap>> {
         None => Ok(None),
         Some(raw) => ShardMap::decode(raw.as_slice())
             .map(Some)
-            .map_err(|e| KvError::Corrupt { key: MAP_KEY.to_vec(), reason: e.to_string() }),
+            .map_err(|e| KvError::Corrupt {
+                key: MAP_KEY.to_vec(),
+                reason: e.to_string(),
+            }),
     }
 }
 
 fn reply(error: impl Into<String>, map: Option<ShardMap>) -> Vec<u8> {
-    MetaResponse { error: error.into(), map }.encode_to_vec()
+    MetaResponse {
+        error: error.into(),
+        map,
+    }
+    .encode_to_vec()
 }
 
 /// Shard `s` (1-based) gets `replicas` consecutive nodes starting at
@@ -29,7 +38,9 @@ pub fn initial_placement(nodes: &[u64], shards: u32, replicas: usize) -> Vec<Sha
     let n = nodes.len();
     (1..=shards)
         .map(|shard| {
-            let mut r: Vec<u64> = (0..replicas.min(n)).map(|i| nodes[(shard as usize - 1 + i) % n]).collect();
+            let mut r: Vec<u64> = (0..replicas.min(n))
+                .map(|i| nodes[(shard as usize - 1 + i) % n])
+                .collect();
             r.sort_unstable();
             ShardPlacement { shard, replicas: r }
         })
@@ -47,7 +58,11 @@ impl Meta {
                 init
             }
             (Op::Init(init), Some(existing)) => {
-                let err = if init.shard_count == existing.shard_count { "" } else { "cluster already initialized with another shard count" };
+                let err = if init.shard_count == existing.shard_count {
+                    ""
+                } else {
+                    "cluster already initialized with another shard count"
+                };
                 return Ok(reply(err, Some(existing)));
             }
             (_, None) => return Ok(reply("cluster not initialized", None)),
@@ -58,7 +73,10 @@ impl Meta {
                 match map.nodes.iter_mut().find(|n| n.id == node.id) {
                     Some(existing) => *existing = node,
                     None if node.id <= map.max_node_id => {
-                        return Ok(reply(format!("node id {} was used before; ids are never reused", node.id), Some(map)))
+                        return Ok(reply(
+                            format!("node id {} was used before; ids are never reused", node.id),
+                            Some(map),
+                        ))
                     }
                     None => {
                         map.max_node_id = node.id;
@@ -80,7 +98,9 @@ impl Meta {
                 map
             }
         };
-        map.max_node_id = map.max_node_id.max(map.nodes.iter().map(|n| n.id).max().unwrap_or(0));
+        map.max_node_id = map
+            .max_node_id
+            .max(map.nodes.iter().map(|n| n.id).max().unwrap_or(0));
         kv.put(MAP_KEY, &map.encode_to_vec());
         Ok(reply("", Some(map)))
     }
@@ -113,7 +133,13 @@ mod tests {
         fn get(&self, key: &[u8]) -> KvResult<Option<Vec<u8>>> {
             Ok(self.0.get(key).cloned())
         }
-        fn scan(&self, _: Bound<&[u8]>, _: Bound<&[u8]>, _: bool, _: usize) -> KvResult<Vec<natter_kv::Pair>> {
+        fn scan(
+            &self,
+            _: Bound<&[u8]>,
+            _: Bound<&[u8]>,
+            _: bool,
+            _: usize,
+        ) -> KvResult<Vec<natter_kv::Pair>> {
             Ok(Vec::new())
         }
     }
@@ -127,12 +153,18 @@ mod tests {
     }
 
     fn run(kv: &mut Mem, op: Op) -> MetaResponse {
-        let out = Meta.apply(kv, &MetaCommand { op: Some(op) }.encode_to_vec()).unwrap();
+        let out = Meta
+            .apply(kv, &MetaCommand { op: Some(op) }.encode_to_vec())
+            .unwrap();
         MetaResponse::decode(out.as_slice()).unwrap()
     }
 
     fn node(id: u64) -> NodeInfo {
-        NodeInfo { id, addr: format!("127.0.0.1:{}", 7000 + id), region: "local".into() }
+        NodeInfo {
+            id,
+            addr: format!("127.0.0.1:{}", 7000 + id),
+            region: "local".into(),
+        }
     }
 
     #[test]
@@ -145,25 +177,63 @@ mod tests {
                 *count.entry(*r).or_insert(0) += 1;
             }
         }
-        assert_eq!(count.values().copied().collect::<Vec<_>>(), vec![6, 6, 6, 6]);
+        assert_eq!(
+            count.values().copied().collect::<Vec<_>>(),
+            vec![6, 6, 6, 6]
+        );
         assert_eq!(initial_placement(&[1], 2, 3)[0].replicas, vec![1]);
     }
 
     #[test]
     fn init_once_then_registry_never_reuses_ids() {
         let mut kv = Mem::default();
-        assert_eq!(run(&mut kv, Op::RegisterNode(node(1))).error, "cluster not initialized");
-        let init = ShardMap { shard_count: 2, nodes: vec![node(1), node(2)], shards: initial_placement(&[1, 2], 2, 3), max_node_id: 2 };
+        assert_eq!(
+            run(&mut kv, Op::RegisterNode(node(1))).error,
+            "cluster not initialized"
+        );
+        let init = ShardMap {
+            shard_count: 2,
+            nodes: vec![node(1), node(2)],
+            shards: initial_placement(&[1, 2], 2, 3),
+            max_node_id: 2,
+        };
         assert_eq!(run(&mut kv, Op::Init(init.clone())).error, "");
-        let again = run(&mut kv, Op::Init(ShardMap { shard_count: 3, ..init }));
+        let again = run(
+            &mut kv,
+            Op::Init(ShardMap {
+                shard_count: 3,
+                ..init
+            }),
+        );
         assert!(again.error.contains("already initialized"));
-        assert_eq!(run(&mut kv, Op::RegisterNode(node(3))).map.unwrap().max_node_id, 3);
+        assert_eq!(
+            run(&mut kv, Op::RegisterNode(node(3)))
+                .map
+                .unwrap()
+                .max_node_id,
+            3
+        );
         // Node 3 removed from the list (as a drain would), then re-registered: refused.
         let mut map = load(&kv).unwrap().unwrap();
         map.nodes.retain(|n| n.id != 3);
         kv.put(MAP_KEY, &map.encode_to_vec());
-        assert!(run(&mut kv, Op::RegisterNode(node(3))).error.contains("never reused"));
-        assert!(run(&mut kv, Op::SetPlacement(ShardPlacement { shard: 1, replicas: vec![9] })).error.contains("unknown node"));
-        assert_eq!(Meta.apply(&mut kv, b"\xff\xff garbage").map(|r| MetaResponse::decode(r.as_slice()).unwrap().error.is_empty()).unwrap(), false);
+        assert!(run(&mut kv, Op::RegisterNode(node(3)))
+            .error
+            .contains("never reused"));
+        assert!(run(
+            &mut kv,
+            Op::SetPlacement(ShardPlacement {
+                shard: 1,
+                replicas: vec![9]
+            })
+        )
+        .error
+        .contains("unknown node"));
+        assert_eq!(
+            Meta.apply(&mut kv, b"\xff\xff garbage")
+                .map(|r| MetaResponse::decode(r.as_slice()).unwrap().error.is_empty())
+                .unwrap(),
+            false
+        );
     }
 }

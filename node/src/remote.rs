@@ -24,13 +24,19 @@ pub struct Remote {
 
 impl Remote {
     pub fn new(host: Arc<RaftHost>) -> Self {
-        Remote { host, clients: Default::default(), leaders: Default::default() }
+        Remote {
+            host,
+            clients: Default::default(),
+            leaders: Default::default(),
+        }
     }
 
     /// The layout as this node's meta replica has it.
     pub async fn shard_map(&self) -> Result<ShardMap> {
         let (raw, _) = self.host.read(META_GROUP, &[], Consistency::Stale).await?;
-        MetaResponse::decode(raw.as_slice())?.map.ok_or_else(|| anyhow!("cluster layout not recorded yet"))
+        MetaResponse::decode(raw.as_slice())?
+            .map
+            .ok_or_else(|| anyhow!("cluster layout not recorded yet"))
     }
 
     fn client(&self, addr: &str) -> Result<NodeClient<Channel>> {
@@ -51,16 +57,30 @@ impl Remote {
     /// Proposes a model command to `shard` and returns the response.
     pub async fn propose(&self, shard: u32, command: &[u8]) -> Result<Vec<u8>> {
         if self.host.is_leader(shard) {
-            match self.host.propose(shard, stamp_command(command, now_ms())?).await {
+            match self
+                .host
+                .propose(shard, stamp_command(command, now_ms())?)
+                .await
+            {
                 Ok(p) => return Ok(p.response),
                 Err(Error::NotLeader { .. }) => {}
                 Err(e) => return Err(e.into()),
             }
         }
         let map = self.shard_map().await?;
-        let replicas = map.shards.iter().find(|s| s.shard == shard).map(|s| s.replicas.clone()).unwrap_or_default();
+        let replicas = map
+            .shards
+            .iter()
+            .find(|s| s.shard == shard)
+            .map(|s| s.replicas.clone())
+            .unwrap_or_default();
         let mut addrs: Vec<String> = Vec::new();
-        if let Some(a) = self.leaders.lock().ok().and_then(|l| l.get(&shard).cloned()) {
+        if let Some(a) = self
+            .leaders
+            .lock()
+            .ok()
+            .and_then(|l| l.get(&shard).cloned())
+        {
             addrs.push(a);
         }
         for id in replicas {
@@ -73,7 +93,13 @@ impl Remote {
         let mut last = anyhow!("shard {shard} has no known replicas");
         for addr in addrs {
             let mut c = self.client(&addr)?;
-            match c.propose(ProposeRequest { shard, command: command.to_vec() }).await {
+            match c
+                .propose(ProposeRequest {
+                    shard,
+                    command: command.to_vec(),
+                })
+                .await
+            {
                 Ok(r) => match r.into_inner().result {
                     Some(propose_reply::Result::Response(resp)) => {
                         if let Ok(mut l) = self.leaders.lock() {
@@ -82,7 +108,10 @@ impl Remote {
                         return Ok(resp);
                     }
                     Some(propose_reply::Result::NotLeader(nl)) => {
-                        last = anyhow!("node at {addr} is not the leader of shard {shard} (leader {})", nl.leader_id);
+                        last = anyhow!(
+                            "node at {addr} is not the leader of shard {shard} (leader {})",
+                            nl.leader_id
+                        );
                         if !nl.leader_addr.is_empty() {
                             if let Ok(mut l) = self.leaders.lock() {
                                 l.insert(shard, nl.leader_addr);

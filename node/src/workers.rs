@@ -56,24 +56,40 @@ pub fn spawn(host: Arc<RaftHost>, stop: watch::Receiver<bool>) -> Vec<JoinHandle
 }
 
 fn decode_response(raw: &[u8]) -> Result<pb::response::R> {
-    pb::Response::decode(raw)?.r.ok_or_else(|| anyhow!("empty response"))
+    pb::Response::decode(raw)?
+        .r
+        .ok_or_else(|| anyhow!("empty response"))
 }
 
 async fn query(host: &RaftHost, shard: u32, q: pb::query::Q) -> Result<pb::response::R> {
-    let raw = pb::Query { now_ms: 0, q: Some(q) }.encode_to_vec();
-    let (out, _) = host.read(shard, &stamp_query(&raw, now_ms())?, Consistency::Stale).await?;
+    let raw = pb::Query {
+        now_ms: 0,
+        q: Some(q),
+    }
+    .encode_to_vec();
+    let (out, _) = host
+        .read(shard, &stamp_query(&raw, now_ms())?, Consistency::Stale)
+        .await?;
     decode_response(&out)
 }
 
 fn command(op: pb::command::Op) -> Vec<u8> {
-    pb::Command { stamp: None, op: Some(op) }.encode_to_vec()
+    pb::Command {
+        stamp: None,
+        op: Some(op),
+    }
+    .encode_to_vec()
 }
 
 async fn leader_round(host: &RaftHost, remote: &Remote, shard: u32) -> Result<()> {
     drain_outbox(host, remote, shard).await?;
-    if let pb::response::R::NextExpiry(n) = query(host, shard, pb::query::Q::NextExpiry(pb::NextExpiry {})).await? {
+    if let pb::response::R::NextExpiry(n) =
+        query(host, shard, pb::query::Q::NextExpiry(pb::NextExpiry {})).await?
+    {
         if n.at_ms != 0 && n.at_ms <= now_ms() {
-            remote.propose(shard, &command(pb::command::Op::Tick(pb::Tick {}))).await?;
+            remote
+                .propose(shard, &command(pb::command::Op::Tick(pb::Tick {})))
+                .await?;
         }
     }
     Ok(())
@@ -82,7 +98,16 @@ async fn leader_round(host: &RaftHost, remote: &Remote, shard: u32) -> Result<()
 async fn drain_outbox(host: &RaftHost, remote: &Remote, shard: u32) -> Result<()> {
     let mut after = Vec::new();
     loop {
-        let batch = match query(host, shard, pb::query::Q::PendingOutbox(pb::PendingOutbox { limit: OUTBOX_BATCH, after: after.clone() })).await? {
+        let batch = match query(
+            host,
+            shard,
+            pb::query::Q::PendingOutbox(pb::PendingOutbox {
+                limit: OUTBOX_BATCH,
+                after: after.clone(),
+            }),
+        )
+        .await?
+        {
             pb::response::R::Outbox(b) => b,
             other => return Err(anyhow!("unexpected outbox answer {other:?}")),
         };
@@ -91,20 +116,30 @@ async fn drain_outbox(host: &RaftHost, remote: &Remote, shard: u32) -> Result<()
         }
         let shard_count = remote.shard_map().await?.shard_count;
         // Group by target shard: one ApplyFeedUpdates per shard.
-        let mut per_target: BTreeMap<u32, (pb::ApplyFeedUpdates, Vec<pb::OutboxAck>)> = BTreeMap::new();
+        let mut per_target: BTreeMap<u32, (pb::ApplyFeedUpdates, Vec<pb::OutboxAck>)> =
+            BTreeMap::new();
         for e in &batch.entries {
-            let target = natter_model::shard_of(&natter_model::outbox_target_route_key(e), shard_count);
+            let target =
+                natter_model::shard_of(&natter_model::outbox_target_route_key(e), shard_count);
             let slot = per_target.entry(target).or_default();
             match &e.payload {
                 Some(pb::outbox_entry::Payload::Feed(f)) => slot.0.updates.push(f.clone()),
                 Some(pb::outbox_entry::Payload::Friend(f)) => slot.0.friend_updates.push(f.clone()),
                 None => {}
             }
-            slot.1.push(pb::OutboxAck { kind: e.kind, source_id: e.source_id.clone(), user_id: e.user_id.clone(), version: e.version });
+            slot.1.push(pb::OutboxAck {
+                kind: e.kind,
+                source_id: e.source_id.clone(),
+                user_id: e.user_id.clone(),
+                version: e.version,
+            });
         }
         let mut acks = Vec::new();
         for (target, (updates, these_acks)) in per_target {
-            match remote.propose(target, &command(pb::command::Op::ApplyFeedUpdates(updates))).await {
+            match remote
+                .propose(target, &command(pb::command::Op::ApplyFeedUpdates(updates)))
+                .await
+            {
                 Ok(raw) => match decode_response(&raw)? {
                     pb::response::R::FeedApplied(_) => acks.extend(these_acks),
                     other => tracing::warn!(shard, target, "feed shard refused updates: {other:?}"),
@@ -114,7 +149,12 @@ async fn drain_outbox(host: &RaftHost, remote: &Remote, shard: u32) -> Result<()
             }
         }
         if !acks.is_empty() {
-            remote.propose(shard, &command(pb::command::Op::AckOutbox(pb::AckOutbox { entries: acks }))).await?;
+            remote
+                .propose(
+                    shard,
+                    &command(pb::command::Op::AckOutbox(pb::AckOutbox { entries: acks })),
+                )
+                .await?;
         }
         if !batch.has_more {
             return Ok(());

@@ -103,7 +103,12 @@ pub fn cf<'a>(db: &'a DB, name: &str) -> Result<&'a ColumnFamily, StoreError> {
 /// as a missing row.
 pub fn open(dir: &Path, node_id: u64, verify: bool) -> Result<DB, StoreError> {
     let exists = dir.join("CURRENT").exists();
-    if !exists && dir.exists() && std::fs::read_dir(dir).map(|mut d| d.next().is_some()).unwrap_or(false) {
+    if !exists
+        && dir.exists()
+        && std::fs::read_dir(dir)
+            .map(|mut d| d.next().is_some())
+            .unwrap_or(false)
+    {
         return Err(StoreError::Corrupt(format!(
             "{} is not empty but has no RocksDB CURRENT file: refusing to start on a partial data dir",
             dir.display()
@@ -126,7 +131,10 @@ pub fn open(dir: &Path, node_id: u64, verify: bool) -> Result<DB, StoreError> {
     })?;
 
     let meta = cf(&db, CF_META)?;
-    let want = Identity { format: FORMAT, node_id };
+    let want = Identity {
+        format: FORMAT,
+        node_id,
+    };
     match db.get_cf(meta, IDENTITY_KEY).map_err(StoreError::rocks)? {
         None if !exists => {
             let mut w = rocksdb::WriteOptions::default();

@@ -126,12 +126,23 @@ impl RaftHost {
     /// Opens the node's database (refusing a damaged or foreign one) and the
     /// shared WAL syncer. Groups are started separately.
     pub fn open(cfg: HostConfig) -> Result<Arc<RaftHost>, Error> {
-        std::fs::create_dir_all(&cfg.data_dir)
-            .map_err(|e| StoreError::Corrupt(format!("cannot create {}: {e}", cfg.data_dir.display())))?;
+        std::fs::create_dir_all(&cfg.data_dir).map_err(|e| {
+            StoreError::Corrupt(format!("cannot create {}: {e}", cfg.data_dir.display()))
+        })?;
         let db = Arc::new(db::open(&cfg.data_dir, cfg.node_id, cfg.verify_on_open)?);
         let syncer = Syncer::start(db.clone());
-        let shared = Arc::new(Shared { db, syncer, sync_mode: cfg.sync_mode, per_write_lock: Default::default() });
-        Ok(Arc::new(RaftHost { cfg, shared, peers: Arc::new(Peers::default()), groups: RwLock::new(HashMap::new()) }))
+        let shared = Arc::new(Shared {
+            db,
+            syncer,
+            sync_mode: cfg.sync_mode,
+            per_write_lock: Default::default(),
+        });
+        Ok(Arc::new(RaftHost {
+            cfg,
+            shared,
+            peers: Arc::new(Peers::default()),
+            groups: RwLock::new(HashMap::new()),
+        }))
     }
 
     pub fn node_id(&self) -> NodeId {
@@ -173,23 +184,42 @@ impl RaftHost {
             snapshot_max_chunk_size: 1024 * 1024,
             ..Default::default()
         };
-        Ok(Arc::new(c.validate().map_err(|e| Error::Config(e.to_string()))?))
+        Ok(Arc::new(
+            c.validate().map_err(|e| Error::Config(e.to_string()))?,
+        ))
     }
 
     /// Starts (or restarts from disk) `group` with `machine` as its state
     /// machine. Starting a running group again does nothing.
-    pub async fn start_group(&self, group: u32, machine: Arc<dyn StateMachine>) -> Result<(), Error> {
-        if self.groups.read().map_err(|_| Error::Poisoned)?.contains_key(&group) {
+    pub async fn start_group(
+        &self,
+        group: u32,
+        machine: Arc<dyn StateMachine>,
+    ) -> Result<(), Error> {
+        if self
+            .groups
+            .read()
+            .map_err(|_| Error::Poisoned)?
+            .contains_key(&group)
+        {
             return Ok(());
         }
         let log = LogStore::new(group, self.shared.clone());
         log.check()?;
         let sm = SmStore::new(group, self.shared.clone(), machine);
-        let net = NetworkFactory { group, from: self.cfg.node_id, peers: self.peers.clone() };
+        let net = NetworkFactory {
+            group,
+            from: self.cfg.node_id,
+            peers: self.peers.clone(),
+        };
         let raft = Raft::new(self.cfg.node_id, self.raft_config()?, net, log, sm.clone())
             .await
             .map_err(|e| Error::Raft(format!("group {group}: {e}")))?;
-        self.groups.write().map_err(|_| Error::Poisoned)?.entry(group).or_insert(Group { raft, sm });
+        self.groups
+            .write()
+            .map_err(|_| Error::Poisoned)?
+            .entry(group)
+            .or_insert(Group { raft, sm });
         Ok(())
     }
 
@@ -208,17 +238,27 @@ impl RaftHost {
 
     /// The groups running on this node.
     pub fn hosted(&self) -> Vec<u32> {
-        let mut v: Vec<u32> = self.groups.read().map(|g| g.keys().copied().collect()).unwrap_or_default();
+        let mut v: Vec<u32> = self
+            .groups
+            .read()
+            .map(|g| g.keys().copied().collect())
+            .unwrap_or_default();
         v.sort_unstable();
         v
     }
 
     /// Makes `members` the first voters of a new group. Harmless on a group
     /// that already has state (it is then a no-op).
-    pub async fn initialize(&self, group: u32, members: &BTreeMap<NodeId, String>) -> Result<(), Error> {
+    pub async fn initialize(
+        &self,
+        group: u32,
+        members: &BTreeMap<NodeId, String>,
+    ) -> Result<(), Error> {
         let g = self.group(group)?;
-        let nodes: BTreeMap<NodeId, BasicNode> =
-            members.iter().map(|(id, addr)| (*id, BasicNode { addr: addr.clone() })).collect();
+        let nodes: BTreeMap<NodeId, BasicNode> = members
+            .iter()
+            .map(|(id, addr)| (*id, BasicNode { addr: addr.clone() }))
+            .collect();
         match g.raft.initialize(nodes).await {
             Ok(()) => Ok(()),
             Err(RaftError::APIError(InitializeError::NotAllowed(_))) => Ok(()),
@@ -231,28 +271,42 @@ impl RaftHost {
     pub async fn propose(&self, group: u32, command: Vec<u8>) -> Result<Proposed, Error> {
         let g = self.group(group)?;
         match g.raft.client_write(Command(command)).await {
-            Ok(r) => Ok(Proposed { response: r.data.0, index: r.log_id.index }),
-            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
-                Err(not_leader::<()>(group, f.leader_id.map(|id| (id, f.leader_node))))
-            }
+            Ok(r) => Ok(Proposed {
+                response: r.data.0,
+                index: r.log_id.index,
+            }),
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => Err(
+                not_leader::<()>(group, f.leader_id.map(|id| (id, f.leader_node))),
+            ),
             Err(e) => Err(Error::Raft(format!("group {group}: {e}"))),
         }
     }
 
     /// Answers `query` from the group's state machine.
-    pub async fn read(&self, group: u32, query: &[u8], consistency: Consistency) -> Result<(Vec<u8>, u64), Error> {
+    pub async fn read(
+        &self,
+        group: u32,
+        query: &[u8],
+        consistency: Consistency,
+    ) -> Result<(Vec<u8>, u64), Error> {
         let g = self.group(group)?;
         if consistency == Consistency::Linearizable {
             if let Err(e) = g.raft.ensure_linearizable().await {
                 return Err(match e {
-                    RaftError::APIError(openraft::error::CheckIsLeaderError::ForwardToLeader(f)) => {
-                        not_leader::<()>(group, f.leader_id.map(|id| (id, f.leader_node)))
-                    }
+                    RaftError::APIError(openraft::error::CheckIsLeaderError::ForwardToLeader(
+                        f,
+                    )) => not_leader::<()>(group, f.leader_id.map(|id| (id, f.leader_node))),
                     other => Error::Raft(format!("group {group}: {other}")),
                 });
             }
         }
-        let applied = g.raft.metrics().borrow().last_applied.map(|l| l.index).unwrap_or(0);
+        let applied = g
+            .raft
+            .metrics()
+            .borrow()
+            .last_applied
+            .map(|l| l.index)
+            .unwrap_or(0);
         Ok((g.sm.query(query)?, applied))
     }
 
@@ -260,7 +314,13 @@ impl RaftHost {
     pub async fn add_learner(&self, group: u32, node: NodeId, addr: &str) -> Result<(), Error> {
         let g = self.group(group)?;
         g.raft
-            .add_learner(node, BasicNode { addr: addr.to_string() }, true)
+            .add_learner(
+                node,
+                BasicNode {
+                    addr: addr.to_string(),
+                },
+                true,
+            )
             .await
             .map(|_| ())
             .map_err(|e| self.write_err(group, e))
@@ -276,7 +336,11 @@ impl RaftHost {
             .map_err(|e| self.write_err(group, e))
     }
 
-    fn write_err(&self, group: u32, e: RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>) -> Error {
+    fn write_err(
+        &self,
+        group: u32,
+        e: RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>,
+    ) -> Error {
         match e {
             RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => {
                 not_leader::<()>(group, f.leader_id.map(|id| (id, f.leader_node)))
@@ -299,7 +363,12 @@ impl RaftHost {
     /// leader transfer; a campaign by the chosen node is the hand-off: it wins
     /// when its log is at least as up to date as the voters'.
     pub async fn campaign(&self, group: u32) -> Result<(), Error> {
-        self.group(group)?.raft.trigger().elect().await.map_err(|e| Error::Raft(e.to_string()))
+        self.group(group)?
+            .raft
+            .trigger()
+            .elect()
+            .await
+            .map_err(|e| Error::Raft(e.to_string()))
     }
 
     /// Whether this node currently leads `group`.
@@ -314,7 +383,12 @@ impl RaftHost {
         let raft = self.raft(group)?;
         let m = raft.metrics().borrow().clone();
         let id = m.current_leader?;
-        let addr = m.membership_config.membership().get_node(&id).map(|n| n.addr.clone()).unwrap_or_default();
+        let addr = m
+            .membership_config
+            .membership()
+            .get_node(&id)
+            .map(|n| n.addr.clone())
+            .unwrap_or_default();
         Some((id, addr))
     }
 
@@ -361,7 +435,11 @@ impl RaftHost {
                     matched: m
                         .replication
                         .as_ref()
-                        .map(|r| r.iter().map(|(id, l)| (*id, l.map(|l| l.index).unwrap_or(0))).collect())
+                        .map(|r| {
+                            r.iter()
+                                .map(|(id, l)| (*id, l.map(|l| l.index).unwrap_or(0)))
+                                .collect()
+                        })
                         .unwrap_or_default(),
                 }
             })
@@ -374,7 +452,11 @@ impl RaftHost {
     pub fn sync_stats(&self) -> (u64, u64, u64) {
         use std::sync::atomic::Ordering::Relaxed;
         let s = &self.shared.syncer.stats;
-        (s.fsyncs.load(Relaxed), s.appends.load(Relaxed), s.fsync_micros.load(Relaxed))
+        (
+            s.fsyncs.load(Relaxed),
+            s.appends.load(Relaxed),
+            s.fsync_micros.load(Relaxed),
+        )
     }
 
     /// The gRPC service carrying every hosted group's Raft traffic.

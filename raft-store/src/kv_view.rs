@@ -13,7 +13,9 @@ use std::collections::BTreeMap;
 use std::ops::Bound;
 
 use natter_kv::{KvError, KvRead, KvResult, KvWrite, Pair};
-use rocksdb::{ColumnFamily, Direction, IteratorMode, ReadOptions, SnapshotWithThreadMode, WriteBatch, DB};
+use rocksdb::{
+    ColumnFamily, Direction, IteratorMode, ReadOptions, SnapshotWithThreadMode, WriteBatch, DB,
+};
 
 use crate::db;
 
@@ -93,7 +95,12 @@ pub struct Txn<'a> {
 
 impl<'a> Txn<'a> {
     pub fn new(db: &'a DB, cf: &'a ColumnFamily, group: u32) -> Self {
-        Txn { db, cf, group, writes: BTreeMap::new() }
+        Txn {
+            db,
+            cf,
+            group,
+            writes: BTreeMap::new(),
+        }
     }
 
     /// Moves the collected writes into `batch`.
@@ -113,18 +120,24 @@ impl KvRead for Txn<'_> {
         if let Some(v) = self.writes.get(key) {
             return Ok(v.clone());
         }
-        self.db.get_cf(self.cf, db::sm_key(self.group, key)).map_err(storage)
+        self.db
+            .get_cf(self.cf, db::sm_key(self.group, key))
+            .map_err(storage)
     }
 
-    fn scan(&self, start: Bound<&[u8]>, end: Bound<&[u8]>, reverse: bool, limit: usize) -> KvResult<Vec<Pair>> {
+    fn scan(
+        &self,
+        start: Bound<&[u8]>,
+        end: Bound<&[u8]>,
+        reverse: bool,
+        limit: usize,
+    ) -> KvResult<Vec<Pair>> {
         if is_empty_range(start, end) {
             return Ok(Vec::new());
         }
         let (lower, upper) = abs_bounds(self.group, start, end);
         let base = base_iter(self.db, self.cf, None, &lower, &upper, reverse);
-        let range = self
-            .writes
-            .range::<[u8], _>((start, end));
+        let range = self.writes.range::<[u8], _>((start, end));
         if reverse {
             merge(base, range.rev(), true, limit)
         } else {
@@ -202,14 +215,27 @@ impl KvRead for View<'_> {
             .map_err(storage)
     }
 
-    fn scan(&self, start: Bound<&[u8]>, end: Bound<&[u8]>, reverse: bool, limit: usize) -> KvResult<Vec<Pair>> {
+    fn scan(
+        &self,
+        start: Bound<&[u8]>,
+        end: Bound<&[u8]>,
+        reverse: bool,
+        limit: usize,
+    ) -> KvResult<Vec<Pair>> {
         if is_empty_range(start, end) {
             return Ok(Vec::new());
         }
         let (lower, upper) = abs_bounds(self.group, start, end);
-        base_iter(self.db, self.cf, Some(&self.snapshot), &lower, &upper, reverse)
-            .take(limit)
-            .collect()
+        base_iter(
+            self.db,
+            self.cf,
+            Some(&self.snapshot),
+            &lower,
+            &upper,
+            reverse,
+        )
+        .take(limit)
+        .collect()
     }
 }
 
@@ -232,7 +258,8 @@ mod tests {
         let cf = db.cf_handle("sm").unwrap();
         // Rows of group 7 and of neighbouring groups, which must stay invisible.
         for (g, k) in [(7u32, "a"), (7, "c"), (7, "e"), (6, "z"), (8, "a")] {
-            db.put_cf(cf, db::sm_key(g, k.as_bytes()), k.to_uppercase()).unwrap();
+            db.put_cf(cf, db::sm_key(g, k.as_bytes()), k.to_uppercase())
+                .unwrap();
         }
         let mut txn = Txn::new(&db, cf, 7);
         txn.put(b"b", b"B2");
@@ -240,20 +267,71 @@ mod tests {
         txn.put(b"e", b"E2");
         assert_eq!(txn.get(b"c").unwrap(), None);
         assert_eq!(txn.get(b"a").unwrap(), Some(b"A".to_vec()));
-        let keys = |v: Vec<Pair>| v.into_iter().map(|(k, v)| format!("{}={}", String::from_utf8_lossy(&k), String::from_utf8_lossy(&v))).collect::<Vec<_>>();
-        assert_eq!(keys(txn.scan(Bound::Unbounded, Bound::Unbounded, false, 10).unwrap()), ["a=A", "b=B2", "e=E2"]);
-        assert_eq!(keys(txn.scan(Bound::Unbounded, Bound::Unbounded, true, 10).unwrap()), ["e=E2", "b=B2", "a=A"]);
-        assert_eq!(keys(txn.scan(Bound::Excluded(b"a"), Bound::Included(b"e"), false, 10).unwrap()), ["b=B2", "e=E2"]);
-        assert_eq!(keys(txn.scan(Bound::Unbounded, Bound::Unbounded, true, 2).unwrap()), ["e=E2", "b=B2"]);
+        let keys = |v: Vec<Pair>| {
+            v.into_iter()
+                .map(|(k, v)| {
+                    format!(
+                        "{}={}",
+                        String::from_utf8_lossy(&k),
+                        String::from_utf8_lossy(&v)
+                    )
+                })
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            keys(
+                txn.scan(Bound::Unbounded, Bound::Unbounded, false, 10)
+                    .unwrap()
+            ),
+            ["a=A", "b=B2", "e=E2"]
+        );
+        assert_eq!(
+            keys(
+                txn.scan(Bound::Unbounded, Bound::Unbounded, true, 10)
+                    .unwrap()
+            ),
+            ["e=E2", "b=B2", "a=A"]
+        );
+        assert_eq!(
+            keys(
+                txn.scan(Bound::Excluded(b"a"), Bound::Included(b"e"), false, 10)
+                    .unwrap()
+            ),
+            ["b=B2", "e=E2"]
+        );
+        assert_eq!(
+            keys(
+                txn.scan(Bound::Unbounded, Bound::Unbounded, true, 2)
+                    .unwrap()
+            ),
+            ["e=E2", "b=B2"]
+        );
         // Inverted or empty bounds are an empty scan, not a panic.
-        assert!(txn.scan(Bound::Included(b"e"), Bound::Excluded(b"a"), false, 10).unwrap().is_empty());
-        assert!(txn.scan(Bound::Excluded(b"b"), Bound::Excluded(b"b"), true, 10).unwrap().is_empty());
+        assert!(txn
+            .scan(Bound::Included(b"e"), Bound::Excluded(b"a"), false, 10)
+            .unwrap()
+            .is_empty());
+        assert!(txn
+            .scan(Bound::Excluded(b"b"), Bound::Excluded(b"b"), true, 10)
+            .unwrap()
+            .is_empty());
 
         let mut batch = WriteBatch::default();
         txn.write_into(&mut batch);
         db.write(batch).unwrap();
-        let view = View { db: &db, cf, snapshot: db.snapshot(), group: 7 };
-        assert_eq!(keys(view.scan(Bound::Unbounded, Bound::Unbounded, false, 10).unwrap()), ["a=A", "b=B2", "e=E2"]);
+        let view = View {
+            db: &db,
+            cf,
+            snapshot: db.snapshot(),
+            group: 7,
+        };
+        assert_eq!(
+            keys(
+                view.scan(Bound::Unbounded, Bound::Unbounded, false, 10)
+                    .unwrap()
+            ),
+            ["a=A", "b=B2", "e=E2"]
+        );
         assert_eq!(keys(view.scan_prefix(b"b", 10).unwrap()), ["b=B2"]);
     }
 }

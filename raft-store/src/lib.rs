@@ -70,7 +70,10 @@ impl StoreError {
 pub enum Error {
     /// This node does not lead the group; `leader` is (id, address) when known.
     #[error("not the leader of group {group}")]
-    NotLeader { group: u32, leader: Option<(NodeId, String)> },
+    NotLeader {
+        group: u32,
+        leader: Option<(NodeId, String)>,
+    },
     #[error("group {0} is not hosted on this node")]
     UnknownGroup(u32),
     #[error(transparent)]

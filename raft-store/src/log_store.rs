@@ -33,7 +33,11 @@ impl LogStore {
         LogStore { group, shared }
     }
 
-    fn get_meta<T: serde::de::DeserializeOwned>(&self, tag: u8, what: &str) -> Result<Option<T>, StoreError> {
+    fn get_meta<T: serde::de::DeserializeOwned>(
+        &self,
+        tag: u8,
+        what: &str,
+    ) -> Result<Option<T>, StoreError> {
         let db = &self.shared.db;
         match db
             .get_cf(db::cf(db, CF_META)?, db::meta_key(self.group, tag))
@@ -48,14 +52,22 @@ impl LogStore {
         let db = &self.shared.db;
         let mut w = WriteOptions::default();
         w.set_sync(sync);
-        db.put_cf_opt(db::cf(db, CF_META)?, db::meta_key(self.group, tag), db::encode(v)?, &w)
-            .map_err(StoreError::rocks)
+        db.put_cf_opt(
+            db::cf(db, CF_META)?,
+            db::meta_key(self.group, tag),
+            db::encode(v)?,
+            &w,
+        )
+        .map_err(StoreError::rocks)
     }
 
     fn last_entry(&self) -> Result<Option<Entry>, StoreError> {
         let db = &self.shared.db;
         let end = db::group_end(self.group);
-        let mut it = db.iterator_cf(db::cf(db, CF_LOG)?, IteratorMode::From(&end, Direction::Reverse));
+        let mut it = db.iterator_cf(
+            db::cf(db, CF_LOG)?,
+            IteratorMode::From(&end, Direction::Reverse),
+        );
         match it.next() {
             None => Ok(None),
             Some(item) => {
@@ -76,7 +88,10 @@ impl LogStore {
             return Ok(out);
         }
         let from = db::log_key(self.group, start);
-        let it = db.iterator_cf(db::cf(db, CF_LOG)?, IteratorMode::From(&from, Direction::Forward));
+        let it = db.iterator_cf(
+            db::cf(db, CF_LOG)?,
+            IteratorMode::From(&from, Direction::Forward),
+        );
         let mut expect = start;
         for item in it {
             let (k, v) = item.map_err(StoreError::rocks)?;
@@ -148,8 +163,11 @@ impl RaftLogReader<TypeConfig> for LogStore {
         &mut self,
         range: RB,
     ) -> Result<Vec<Entry>, StorageError> {
-        self.read_range(bound_start(range.start_bound()), bound_end(range.end_bound()))
-            .map_err(|e| e.into_raft_read())
+        self.read_range(
+            bound_start(range.start_bound()),
+            bound_end(range.end_bound()),
+        )
+        .map_err(|e| e.into_raft_read())
     }
 }
 
@@ -172,11 +190,13 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_vote(&mut self, vote: &Vote) -> Result<(), StorageError> {
-        self.put_meta(TAG_VOTE, vote, true).map_err(|e| e.into_raft_write())
+        self.put_meta(TAG_VOTE, vote, true)
+            .map_err(|e| e.into_raft_write())
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote>, StorageError> {
-        self.get_meta(TAG_VOTE, "vote").map_err(|e| e.into_raft_read())
+        self.get_meta(TAG_VOTE, "vote")
+            .map_err(|e| e.into_raft_read())
     }
 
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageError> {
@@ -193,7 +213,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             .flatten())
     }
 
-    async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> Result<(), StorageError>
+    async fn append<I>(
+        &mut self,
+        entries: I,
+        callback: LogFlushed<TypeConfig>,
+    ) -> Result<(), StorageError>
     where
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
@@ -216,10 +240,14 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             SyncMode::PerWrite => {
                 let shared = self.shared.clone();
                 let res = tokio::task::spawn_blocking(move || {
+                    use std::sync::atomic::Ordering::Relaxed;
                     let _one_at_a_time = shared.per_write_lock.lock();
                     let mut w = WriteOptions::default();
                     w.set_sync(true);
-                    shared.db.write_opt(batch, &w)
+                    let r = shared.db.write_opt(batch, &w);
+                    shared.syncer.stats.fsyncs.fetch_add(1, Relaxed);
+                    shared.syncer.stats.appends.fetch_add(1, Relaxed);
+                    r
                 })
                 .await;
                 let res = match res {
@@ -237,7 +265,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let db = &self.shared.db;
         let cf = db::cf(db, CF_LOG).map_err(|e| e.into_raft_write())?;
         let mut batch = WriteBatch::default();
-        batch.delete_range_cf(cf, &db::log_key(self.group, log_id.index)[..], &db::group_end(self.group)[..]);
+        batch.delete_range_cf(
+            cf,
+            &db::log_key(self.group, log_id.index)[..],
+            &db::group_end(self.group)[..],
+        );
         db.write_opt(batch, &WriteOptions::default())
             .map_err(|e| StoreError::rocks(e).into_raft_write())
     }
@@ -246,13 +278,18 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let db = &self.shared.db;
         let run = || -> Result<(), StoreError> {
             let mut batch = WriteBatch::default();
-            batch.put_cf(db::cf(db, CF_META)?, db::meta_key(self.group, TAG_PURGED), db::encode(&log_id)?);
+            batch.put_cf(
+                db::cf(db, CF_META)?,
+                db::meta_key(self.group, TAG_PURGED),
+                db::encode(&log_id)?,
+            );
             batch.delete_range_cf(
                 db::cf(db, CF_LOG)?,
                 db::log_key(self.group, 0),
                 db::log_key(self.group, log_id.index.saturating_add(1)),
             );
-            db.write_opt(batch, &WriteOptions::default()).map_err(StoreError::rocks)
+            db.write_opt(batch, &WriteOptions::default())
+                .map_err(StoreError::rocks)
         };
         run().map_err(|e| e.into_raft_write())
     }

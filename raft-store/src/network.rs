@@ -7,11 +7,13 @@ use std::time::Duration;
 
 use natter_proto::cluster::raft_transport_client::RaftTransportClient;
 use natter_proto::cluster::{RaftKind, RaftRequest};
-use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable};
+use openraft::error::{
+    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
+};
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest,
-    VoteResponse,
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
 };
 use openraft::BasicNode;
 use serde::{de::DeserializeOwned, Serialize};
@@ -31,7 +33,10 @@ pub struct Peers {
 impl Peers {
     /// The channel to `addr` ("host:port"), created on first use.
     pub fn channel(&self, addr: &str) -> Result<Channel, String> {
-        let mut map = self.channels.lock().map_err(|_| "peer map poisoned".to_string())?;
+        let mut map = self
+            .channels
+            .lock()
+            .map_err(|_| "peer map poisoned".to_string())?;
         if let Some(c) = map.get(addr) {
             return Ok(c.clone());
         }
@@ -63,7 +68,12 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
                 .max_decoding_message_size(MAX_RAFT_MESSAGE)
                 .max_encoding_message_size(MAX_RAFT_MESSAGE)
         });
-        Conn { group: self.group, from: self.from, target, client }
+        Conn {
+            group: self.group,
+            from: self.from,
+            target,
+            client,
+        }
     }
 }
 
@@ -95,7 +105,8 @@ impl Conn {
             Ok(c) => c,
             Err(e) => return Err(RPCError::Unreachable(Unreachable::new(&Msg(e.clone())))),
         };
-        let payload = bincode::serialize(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        let payload =
+            bincode::serialize(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         let mut request = tonic::Request::new(RaftRequest {
             group: self.group,
             kind: kind as i32,
@@ -104,11 +115,14 @@ impl Conn {
         });
         request.set_timeout(option.hard_ttl());
         let reply = client.raft(request).await.map_err(|s| match s.code() {
-            tonic::Code::Unavailable | tonic::Code::NotFound => RPCError::Unreachable(Unreachable::new(&s)),
+            tonic::Code::Unavailable | tonic::Code::NotFound => {
+                RPCError::Unreachable(Unreachable::new(&s))
+            }
             _ => RPCError::Network(NetworkError::new(&s)),
         })?;
-        let res: Result<Resp, RaftError<NodeId, E>> = bincode::deserialize(&reply.into_inner().payload)
-            .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        let res: Result<Resp, RaftError<NodeId, E>> =
+            bincode::deserialize(&reply.into_inner().payload)
+                .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         res.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
     }
 }
@@ -126,8 +140,10 @@ impl RaftNetwork<TypeConfig> for Conn {
         &mut self,
         rpc: InstallSnapshotRequest<TypeConfig>,
         option: RPCOption,
-    ) -> Result<InstallSnapshotResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId, InstallSnapshotError>>>
-    {
+    ) -> Result<
+        InstallSnapshotResponse<NodeId>,
+        RPCError<NodeId, BasicNode, RaftError<NodeId, InstallSnapshotError>>,
+    > {
         self.call(RaftKind::InstallSnapshot, &rpc, &option).await
     }
 

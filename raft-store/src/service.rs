@@ -16,7 +16,8 @@ pub struct TransportService {
 }
 
 fn decode<T: DeserializeOwned>(kind: &str, payload: &[u8]) -> Result<T, Status> {
-    bincode::deserialize(payload).map_err(|e| Status::invalid_argument(format!("undecodable {kind} payload: {e}")))
+    bincode::deserialize(payload)
+        .map_err(|e| Status::invalid_argument(format!("undecodable {kind} payload: {e}")))
 }
 
 fn encode<T: Serialize>(v: &T) -> Result<Response<RaftReply>, Status> {
@@ -29,19 +30,25 @@ fn encode<T: Serialize>(v: &T) -> Result<Response<RaftReply>, Status> {
 impl RaftTransport for TransportService {
     async fn raft(&self, request: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
         let req = request.into_inner();
-        let raft = self
-            .host
-            .raft(req.group)
-            .ok_or_else(|| Status::not_found(format!("group {} is not hosted on this node", req.group)))?;
+        let raft = self.host.raft(req.group).ok_or_else(|| {
+            Status::not_found(format!("group {} is not hosted on this node", req.group))
+        })?;
         match RaftKind::try_from(req.kind) {
-            Ok(RaftKind::AppendEntries) => encode(&raft.append_entries(decode("append-entries", &req.payload)?).await),
+            Ok(RaftKind::AppendEntries) => encode(
+                &raft
+                    .append_entries(decode("append-entries", &req.payload)?)
+                    .await,
+            ),
             Ok(RaftKind::Vote) => encode(&raft.vote(decode("vote", &req.payload)?).await),
-            Ok(RaftKind::InstallSnapshot) => {
-                encode(&raft.install_snapshot(decode("install-snapshot", &req.payload)?).await)
-            }
-            Ok(RaftKind::Unspecified) | Err(_) => {
-                Err(Status::invalid_argument(format!("unknown raft message kind {}", req.kind)))
-            }
+            Ok(RaftKind::InstallSnapshot) => encode(
+                &raft
+                    .install_snapshot(decode("install-snapshot", &req.payload)?)
+                    .await,
+            ),
+            Ok(RaftKind::Unspecified) | Err(_) => Err(Status::invalid_argument(format!(
+                "unknown raft message kind {}",
+                req.kind
+            ))),
         }
     }
 }

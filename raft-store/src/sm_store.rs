@@ -45,17 +45,28 @@ pub struct SmStore {
 
 impl SmStore {
     pub(crate) fn new(group: u32, shared: Arc<Shared>, machine: Arc<dyn StateMachine>) -> Self {
-        SmStore { group, shared, machine, snapshots_built: Arc::new(AtomicU64::new(0)) }
+        SmStore {
+            group,
+            shared,
+            machine,
+            snapshots_built: Arc::new(AtomicU64::new(0)),
+        }
     }
 
     pub(crate) fn applied(&self) -> Result<(Option<LogId>, StoredMembership), StoreError> {
         let db = &self.shared.db;
         let meta = db::cf(db, CF_META)?;
-        let applied = match db.get_cf(meta, db::meta_key(self.group, TAG_APPLIED)).map_err(StoreError::rocks)? {
+        let applied = match db
+            .get_cf(meta, db::meta_key(self.group, TAG_APPLIED))
+            .map_err(StoreError::rocks)?
+        {
             Some(raw) => db::decode("applied log id", &raw)?,
             None => None,
         };
-        let membership = match db.get_cf(meta, db::meta_key(self.group, TAG_MEMBERSHIP)).map_err(StoreError::rocks)? {
+        let membership = match db
+            .get_cf(meta, db::meta_key(self.group, TAG_MEMBERSHIP))
+            .map_err(StoreError::rocks)?
+        {
             Some(raw) => db::decode("membership", &raw)?,
             None => StoredMembership::default(),
         };
@@ -65,7 +76,12 @@ impl SmStore {
     /// Answers a query from a consistent view of the group's rows.
     pub(crate) fn query(&self, query: &[u8]) -> Result<Vec<u8>, StoreError> {
         let db = &self.shared.db;
-        let view = View { db, cf: db::cf(db, CF_SM)?, snapshot: db.snapshot(), group: self.group };
+        let view = View {
+            db,
+            cf: db::cf(db, CF_SM)?,
+            snapshot: db.snapshot(),
+            group: self.group,
+        };
         self.machine
             .query(&view, query)
             .map_err(|e| StoreError::Corrupt(format!("group {} query: {e}", self.group)))
@@ -83,7 +99,10 @@ impl SmStore {
                 EntryPayload::Blank => replies.push(Reply::default()),
                 EntryPayload::Normal(cmd) => {
                     let out = self.machine.apply(&mut txn, &cmd.0).map_err(|e| {
-                        StoreError::Corrupt(format!("group {} applying {}: {e}", self.group, entry.log_id))
+                        StoreError::Corrupt(format!(
+                            "group {} applying {}: {e}",
+                            self.group, entry.log_id
+                        ))
                     })?;
                     replies.push(Reply(out));
                 }
@@ -97,11 +116,20 @@ impl SmStore {
         let meta = db::cf(db, CF_META)?;
         let mut batch = WriteBatch::default();
         txn.write_into(&mut batch);
-        batch.put_cf(meta, db::meta_key(self.group, TAG_APPLIED), db::encode(&Some(last))?);
+        batch.put_cf(
+            meta,
+            db::meta_key(self.group, TAG_APPLIED),
+            db::encode(&Some(last))?,
+        );
         if let Some(m) = membership {
-            batch.put_cf(meta, db::meta_key(self.group, TAG_MEMBERSHIP), db::encode(&m)?);
+            batch.put_cf(
+                meta,
+                db::meta_key(self.group, TAG_MEMBERSHIP),
+                db::encode(&m)?,
+            );
         }
-        db.write_opt(batch, &WriteOptions::default()).map_err(StoreError::rocks)?;
+        db.write_opt(batch, &WriteOptions::default())
+            .map_err(StoreError::rocks)?;
         Ok(replies)
     }
 
@@ -109,11 +137,17 @@ impl SmStore {
         let db = &self.shared.db;
         let snap = db.snapshot();
         let meta = db::cf(db, CF_META)?;
-        let applied: Option<LogId> = match snap.get_cf(meta, db::meta_key(self.group, TAG_APPLIED)).map_err(StoreError::rocks)? {
+        let applied: Option<LogId> = match snap
+            .get_cf(meta, db::meta_key(self.group, TAG_APPLIED))
+            .map_err(StoreError::rocks)?
+        {
             Some(raw) => db::decode("applied log id", &raw)?,
             None => None,
         };
-        let membership: StoredMembership = match snap.get_cf(meta, db::meta_key(self.group, TAG_MEMBERSHIP)).map_err(StoreError::rocks)? {
+        let membership: StoredMembership = match snap
+            .get_cf(meta, db::meta_key(self.group, TAG_MEMBERSHIP))
+            .map_err(StoreError::rocks)?
+        {
             Some(raw) => db::decode("membership", &raw)?,
             None => StoredMembership::default(),
         };
@@ -131,9 +165,20 @@ impl SmStore {
             Some(l) => format!("g{}-t{}-i{}-n{n}", self.group, l.leader_id.term, l.index),
             None => format!("g{}-empty-n{n}", self.group),
         };
-        let meta = SnapshotMeta { last_log_id: applied, last_membership: membership.clone(), snapshot_id };
-        let body = SnapshotBody { applied, membership, rows };
-        Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(db::encode(&body)?)) })
+        let meta = SnapshotMeta {
+            last_log_id: applied,
+            last_membership: membership.clone(),
+            snapshot_id,
+        };
+        let body = SnapshotBody {
+            applied,
+            membership,
+            rows,
+        };
+        Ok(Snapshot {
+            meta,
+            snapshot: Box::new(Cursor::new(db::encode(&body)?)),
+        })
     }
 
     fn install(&self, meta: &SnapshotMeta, data: &[u8]) -> Result<(), StoreError> {
@@ -148,12 +193,24 @@ impl SmStore {
         let sm = db::cf(db, CF_SM)?;
         let meta_cf = db::cf(db, CF_META)?;
         let mut batch = WriteBatch::default();
-        batch.delete_range_cf(sm, &db::group_prefix(self.group)[..], &db::group_end(self.group)[..]);
+        batch.delete_range_cf(
+            sm,
+            &db::group_prefix(self.group)[..],
+            &db::group_end(self.group)[..],
+        );
         for (k, v) in &body.rows {
             batch.put_cf(sm, db::sm_key(self.group, k), v);
         }
-        batch.put_cf(meta_cf, db::meta_key(self.group, TAG_APPLIED), db::encode(&body.applied)?);
-        batch.put_cf(meta_cf, db::meta_key(self.group, TAG_MEMBERSHIP), db::encode(&body.membership)?);
+        batch.put_cf(
+            meta_cf,
+            db::meta_key(self.group, TAG_APPLIED),
+            db::encode(&body.applied)?,
+        );
+        batch.put_cf(
+            meta_cf,
+            db::meta_key(self.group, TAG_MEMBERSHIP),
+            db::encode(&body.membership)?,
+        );
         let mut w = WriteOptions::default();
         w.set_sync(true);
         db.write_opt(batch, &w).map_err(StoreError::rocks)
@@ -182,7 +239,8 @@ impl RaftStateMachine<TypeConfig> for SmStore {
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        self.apply_batch(entries.into_iter().collect()).map_err(|e| e.into_raft_write())
+        self.apply_batch(entries.into_iter().collect())
+            .map_err(|e| e.into_raft_write())
     }
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
@@ -193,7 +251,11 @@ impl RaftStateMachine<TypeConfig> for SmStore {
         Ok(Box::new(Cursor::new(Vec::new())))
     }
 
-    async fn install_snapshot(&mut self, meta: &SnapshotMeta, snapshot: Box<Cursor<Vec<u8>>>) -> Result<(), StorageError> {
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta,
+        snapshot: Box<Cursor<Vec<u8>>>,
+    ) -> Result<(), StorageError> {
         let this = self.clone();
         let meta = meta.clone();
         tokio::task::spawn_blocking(move || this.install(&meta, snapshot.get_ref()))

@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 use natter_proto::cluster::node_client::NodeClient;
 use natter_proto::cluster::{
-    propose_reply, read_reply, Consistency, ProposeRequest, ReadRequest, ShardMap, ShardMapRequest, StatusReply,
-    StatusRequest,
+    propose_reply, read_reply, Consistency, ProposeRequest, ReadRequest, ShardMap, ShardMapRequest,
+    StatusReply, StatusRequest,
 };
 use tonic::transport::Channel;
 
@@ -27,20 +27,32 @@ pub fn bin_dir() -> PathBuf {
     if let Ok(d) = std::env::var("NATTER_BIN_DIR") {
         return PathBuf::from(d);
     }
-    let exe = std::env::current_exe().expect("test executable path");
-    // target/<profile>/deps/<test-exe>
-    exe.parent().and_then(Path::parent).map(Path::to_path_buf).expect("target dir")
+    let exe = std::env::current_exe().expect("executable path");
+    // A binary lives in target/<profile>/, a test in target/<profile>/deps/.
+    let dir = exe.parent().map(Path::to_path_buf).expect("executable dir");
+    if dir.ends_with("deps") {
+        dir.parent().map(Path::to_path_buf).unwrap_or(dir)
+    } else {
+        dir
+    }
 }
 
 pub fn bin(name: &str) -> PathBuf {
     let p = bin_dir().join(name);
-    assert!(p.exists(), "{} not built: run `cargo build --release --bins` first", p.display());
+    assert!(
+        p.exists(),
+        "{} not built: run `cargo build --release --bins` first",
+        p.display()
+    );
     p
 }
 
 /// A free loopback port (bound, then released for the child to take).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
 }
 
 /// One node process.
@@ -54,6 +66,10 @@ pub struct NodeProc {
 }
 
 impl NodeProc {
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
     }
@@ -70,11 +86,18 @@ pub struct ClusterOpts {
 
 impl Default for ClusterOpts {
     fn default() -> Self {
-        ClusterOpts { nodes: 3, shards: 4, node_args: vec![
-            "--heartbeat-ms".into(), "100".into(),
-            "--election-min-ms".into(), "500".into(),
-            "--election-max-ms".into(), "1000".into(),
-        ] }
+        ClusterOpts {
+            nodes: 3,
+            shards: 4,
+            node_args: vec![
+                "--heartbeat-ms".into(),
+                "100".into(),
+                "--election-min-ms".into(),
+                "500".into(),
+                "--election-max-ms".into(),
+                "1000".into(),
+            ],
+        }
     }
 }
 
@@ -90,23 +113,48 @@ impl Cluster {
     /// layout is recorded.
     pub async fn start(opts: ClusterOpts) -> Result<Cluster> {
         let dir = tempfile::Builder::new().prefix("natter-test-").tempdir()?;
-        let addrs: BTreeMap<u64, String> = (1..=opts.nodes).map(|id| (id, format!("127.0.0.1:{}", free_port()))).collect();
-        let initial = addrs.iter().map(|(id, a)| format!("{id}={a}")).collect::<Vec<_>>().join(",");
+        let addrs: BTreeMap<u64, String> = (1..=opts.nodes)
+            .map(|id| (id, format!("127.0.0.1:{}", free_port())))
+            .collect();
+        let initial = addrs
+            .iter()
+            .map(|(id, a)| format!("{id}={a}"))
+            .collect::<Vec<_>>()
+            .join(",");
         let mut nodes = BTreeMap::new();
         for (id, addr) in &addrs {
             let data_dir = dir.path().join(format!("node{id}"));
             let mut args = vec![
-                "--node-id".to_string(), id.to_string(),
-                "--listen".into(), addr.clone(),
-                "--data-dir".into(), data_dir.display().to_string(),
-                "--initial-cluster".into(), initial.clone(),
-                "--shards".into(), opts.shards.to_string(),
+                "--node-id".to_string(),
+                id.to_string(),
+                "--listen".into(),
+                addr.clone(),
+                "--data-dir".into(),
+                data_dir.display().to_string(),
+                "--initial-cluster".into(),
+                initial.clone(),
+                "--shards".into(),
+                opts.shards.to_string(),
             ];
             args.extend(opts.node_args.iter().cloned());
             let log = dir.path().join(format!("node{id}.log"));
-            nodes.insert(*id, NodeProc { id: *id, addr: addr.clone(), data_dir, log, args, child: None });
+            nodes.insert(
+                *id,
+                NodeProc {
+                    id: *id,
+                    addr: addr.clone(),
+                    data_dir,
+                    log,
+                    args,
+                    child: None,
+                },
+            );
         }
-        let mut c = Cluster { dir, nodes, shards: opts.shards };
+        let mut c = Cluster {
+            dir,
+            nodes,
+            shards: opts.shards,
+        };
         for id in c.ids() {
             c.spawn(id)?;
         }
@@ -125,10 +173,16 @@ impl Cluster {
     /// Starts node `id`'s process (again), appending to its log.
     pub fn spawn(&mut self, id: u64) -> Result<()> {
         let n = self.nodes.get_mut(&id).context("no such node")?;
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(&n.log)?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&n.log)?;
         let child = Command::new(bin("natter-node"))
             .args(&n.args)
-            .env("RUST_LOG", std::env::var("NATTER_TEST_LOG").unwrap_or_else(|_| "info,openraft=warn".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("NATTER_TEST_LOG").unwrap_or_else(|_| "info,openraft=warn".into()),
+            )
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -231,7 +285,12 @@ impl Cluster {
                 continue;
             }
             let mut c = self.client(*id).await?;
-            match c.shard_map(ShardMapRequest { consistency: Consistency::Stale as i32 }).await {
+            match c
+                .shard_map(ShardMapRequest {
+                    consistency: Consistency::Stale as i32,
+                })
+                .await
+            {
                 Ok(m) => return Ok(m.into_inner()),
                 Err(e) => last = anyhow!("node {id}: {e}"),
             }
@@ -244,21 +303,30 @@ impl Cluster {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let st = self.status(to).await?;
-            if st.groups.iter().any(|g| g.group == shard && g.leader_id == to && g.state == "Leader") {
+            if st
+                .groups
+                .iter()
+                .any(|g| g.group == shard && g.leader_id == to && g.state == "Leader")
+            {
                 return Ok(());
             }
             if Instant::now() > deadline {
                 bail!("node {to} did not become leader of shard {shard}");
             }
             let mut c = self.client(to).await?;
-            c.transfer_leader(natter_proto::cluster::TransferLeaderRequest { shard }).await?;
+            c.transfer_leader(natter_proto::cluster::TransferLeaderRequest { shard })
+                .await?;
             tokio::time::sleep(Duration::from_millis(300)).await;
         }
     }
 
     /// Running nodes' addresses, for a [`ShardClient`].
     pub fn addrs(&self) -> Vec<String> {
-        self.nodes.values().filter(|n| n.child.is_some()).map(|n| n.addr.clone()).collect()
+        self.nodes
+            .values()
+            .filter(|n| n.child.is_some())
+            .map(|n| n.addr.clone())
+            .collect()
     }
 }
 
@@ -293,6 +361,8 @@ pub fn tail(path: &Path, lines: usize) -> String {
 pub struct ShardClient {
     addrs: Vec<String>,
     leaders: std::sync::Arc<std::sync::Mutex<BTreeMap<u32, String>>>,
+    /// One HTTP/2 channel per node, shared by every request (as a router does).
+    channels: std::sync::Arc<std::sync::Mutex<BTreeMap<String, NodeClient<Channel>>>>,
 }
 
 /// What a proposal attempt ended with.
@@ -308,12 +378,32 @@ pub enum Outcome {
 
 impl ShardClient {
     pub fn new(addrs: Vec<String>) -> Self {
-        ShardClient { addrs, leaders: Default::default() }
+        ShardClient {
+            addrs,
+            leaders: Default::default(),
+            channels: Default::default(),
+        }
+    }
+
+    async fn conn(&self, addr: &str) -> Result<NodeClient<Channel>> {
+        if let Some(c) = self.channels.lock().ok().and_then(|m| m.get(addr).cloned()) {
+            return Ok(c);
+        }
+        let c = connect(addr).await?;
+        if let Ok(mut m) = self.channels.lock() {
+            m.insert(addr.to_string(), c.clone());
+        }
+        Ok(c)
     }
 
     fn candidates(&self, shard: u32) -> Vec<String> {
         let mut v = Vec::new();
-        if let Some(l) = self.leaders.lock().ok().and_then(|m| m.get(&shard).cloned()) {
+        if let Some(l) = self
+            .leaders
+            .lock()
+            .ok()
+            .and_then(|m| m.get(&shard).cloned())
+        {
             v.push(l);
         }
         for a in &self.addrs {
@@ -335,14 +425,20 @@ impl ShardClient {
     pub async fn propose_once(&self, shard: u32, command: &[u8]) -> Outcome {
         let mut note = String::new();
         for addr in self.candidates(shard) {
-            let mut c = match connect(&addr).await {
+            let mut c = match self.conn(&addr).await {
                 Ok(c) => c,
                 Err(e) => {
                     note = e.to_string();
                     continue;
                 }
             };
-            match c.propose(ProposeRequest { shard, command: command.to_vec() }).await {
+            match c
+                .propose(ProposeRequest {
+                    shard,
+                    command: command.to_vec(),
+                })
+                .await
+            {
                 Ok(r) => match r.into_inner().result {
                     Some(propose_reply::Result::Response(resp)) => {
                         self.remember(shard, &addr);
@@ -357,10 +453,14 @@ impl ShardClient {
                     None => return Outcome::Info("empty reply".into()),
                 },
                 // Connection refused: the request never reached the node.
-                Err(s) if s.code() == tonic::Code::Unavailable && s.message().contains("connect") => {
+                Err(s)
+                    if s.code() == tonic::Code::Unavailable && s.message().contains("connect") =>
+                {
                     note = s.to_string();
                 }
-                Err(s) if s.code() == tonic::Code::InvalidArgument => return Outcome::Fail(s.to_string()),
+                Err(s) if s.code() == tonic::Code::InvalidArgument => {
+                    return Outcome::Fail(s.to_string())
+                }
                 Err(s) => return Outcome::Info(s.to_string()),
             }
         }
@@ -374,7 +474,9 @@ impl ShardClient {
         loop {
             match self.propose_once(shard, command).await {
                 Outcome::Ok(r) => return Ok(r),
-                Outcome::Fail(e) | Outcome::Info(e) if Instant::now() > deadline => bail!("propose to shard {shard}: {e}"),
+                Outcome::Fail(e) | Outcome::Info(e) if Instant::now() > deadline => {
+                    bail!("propose to shard {shard}: {e}")
+                }
                 _ => tokio::time::sleep(Duration::from_millis(50)).await,
             }
         }
@@ -382,16 +484,32 @@ impl ShardClient {
 
     /// A linearizable read, retried through elections.
     pub async fn read(&self, shard: u32, query: &[u8], timeout: Duration) -> Result<Vec<u8>> {
-        self.read_with(shard, query, Consistency::Linearizable, timeout).await
+        self.read_with(shard, query, Consistency::Linearizable, timeout)
+            .await
     }
 
-    pub async fn read_with(&self, shard: u32, query: &[u8], consistency: Consistency, timeout: Duration) -> Result<Vec<u8>> {
+    pub async fn read_with(
+        &self,
+        shard: u32,
+        query: &[u8],
+        consistency: Consistency,
+        timeout: Duration,
+    ) -> Result<Vec<u8>> {
         let deadline = Instant::now() + timeout;
         let mut note = String::new();
         while Instant::now() < deadline {
             for addr in self.candidates(shard) {
-                let Ok(mut c) = connect(&addr).await else { continue };
-                match c.read(ReadRequest { shard, query: query.to_vec(), consistency: consistency as i32 }).await {
+                let Ok(mut c) = self.conn(&addr).await else {
+                    continue;
+                };
+                match c
+                    .read(ReadRequest {
+                        shard,
+                        query: query.to_vec(),
+                        consistency: consistency as i32,
+                    })
+                    .await
+                {
                     Ok(r) => match r.into_inner().result {
                         Some(read_reply::Result::Response(resp)) => {
                             self.remember(shard, &addr);
@@ -414,9 +532,23 @@ impl ShardClient {
     }
 
     /// Reads from one specific node, without redirects (for comparing replicas).
-    pub async fn read_at(addr: &str, shard: u32, query: &[u8], consistency: Consistency) -> Result<Vec<u8>> {
+    pub async fn read_at(
+        addr: &str,
+        shard: u32,
+        query: &[u8],
+        consistency: Consistency,
+    ) -> Result<Vec<u8>> {
         let mut c = connect(addr).await?;
-        match c.read(ReadRequest { shard, query: query.to_vec(), consistency: consistency as i32 }).await?.into_inner().result {
+        match c
+            .read(ReadRequest {
+                shard,
+                query: query.to_vec(),
+                consistency: consistency as i32,
+            })
+            .await?
+            .into_inner()
+            .result
+        {
             Some(read_reply::Result::Response(r)) => Ok(r),
             other => bail!("node {addr} shard {shard}: {other:?}"),
         }

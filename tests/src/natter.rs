@@ -17,11 +17,16 @@ pub fn uuid() -> String {
 }
 
 pub fn command(op: Op) -> pb::Command {
-    pb::Command { stamp: None, op: Some(op) }
+    pb::Command {
+        stamp: None,
+        op: Some(op),
+    }
 }
 
 pub fn decode(raw: &[u8]) -> Result<R> {
-    pb::Response::decode(raw)?.r.ok_or_else(|| anyhow!("empty response"))
+    pb::Response::decode(raw)?
+        .r
+        .ok_or_else(|| anyhow!("empty response"))
 }
 
 #[derive(Clone)]
@@ -46,7 +51,10 @@ impl Natter {
     /// Proposes until committed (commands must be idempotent).
     pub async fn exec(&self, op: Op) -> Result<R> {
         let cmd = command(op);
-        let raw = self.client.propose(self.shard_of_command(&cmd), &cmd.encode_to_vec(), T).await?;
+        let raw = self
+            .client
+            .propose(self.shard_of_command(&cmd), &cmd.encode_to_vec(), T)
+            .await?;
         decode(&raw)
     }
 
@@ -54,17 +62,31 @@ impl Natter {
     pub async fn exec_once(&self, op: Op) -> (u32, Outcome) {
         let cmd = command(op);
         let shard = self.shard_of_command(&cmd);
-        (shard, self.client.propose_once(shard, &cmd.encode_to_vec()).await)
+        (
+            shard,
+            self.client.propose_once(shard, &cmd.encode_to_vec()).await,
+        )
     }
 
     pub async fn query(&self, q: Q) -> Result<R> {
-        let q = pb::Query { now_ms: 0, q: Some(q) };
-        let raw = self.client.read(self.shard_of_query(&q), &q.encode_to_vec(), T).await?;
+        let q = pb::Query {
+            now_ms: 0,
+            q: Some(q),
+        };
+        let raw = self
+            .client
+            .read(self.shard_of_query(&q), &q.encode_to_vec(), T)
+            .await?;
         decode(&raw)
     }
 
     /// A group whose conversation id lands on `shard`.
-    pub async fn create_group_on(&self, shard: u32, creator: &str, members: &[String]) -> Result<String> {
+    pub async fn create_group_on(
+        &self,
+        shard: u32,
+        creator: &str,
+        members: &[String],
+    ) -> Result<String> {
         loop {
             let id = uuid();
             let op = Op::CreateGroup(pb::CreateGroup {
@@ -95,9 +117,20 @@ impl Natter {
         })
     }
 
-    pub async fn send(&self, conv: &str, sender: &str, client_msg_id: &str, text: &str) -> Result<pb::Message> {
-        match self.exec(Self::send_op(conv, sender, client_msg_id, text)).await? {
-            R::Sent(s) => s.message.ok_or_else(|| anyhow!("send result without message")),
+    pub async fn send(
+        &self,
+        conv: &str,
+        sender: &str,
+        client_msg_id: &str,
+        text: &str,
+    ) -> Result<pb::Message> {
+        match self
+            .exec(Self::send_op(conv, sender, client_msg_id, text))
+            .await?
+        {
+            R::Sent(s) => s
+                .message
+                .ok_or_else(|| anyhow!("send result without message")),
             other => bail!("send: {other:?}"),
         }
     }

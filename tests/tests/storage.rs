@@ -22,7 +22,11 @@ async fn natter(c: &Cluster) -> Natter {
 async fn conversation_per_shard(n: &Natter) -> Vec<String> {
     let mut convs = Vec::new();
     for shard in 1..=n.shards {
-        convs.push(n.create_group_on(shard, ALICE, &[]).await.expect("create group"));
+        convs.push(
+            n.create_group_on(shard, ALICE, &[])
+                .await
+                .expect("create group"),
+        );
     }
     convs
 }
@@ -34,7 +38,10 @@ async fn texts(n: &Natter, conv: &str) -> Vec<String> {
     let mut sorted = seqs.clone();
     sorted.sort_unstable();
     sorted.dedup();
-    assert_eq!(seqs, sorted, "history of {conv} is not in strictly increasing seq order");
+    assert_eq!(
+        seqs, sorted,
+        "history of {conv} is not in strictly increasing seq order"
+    );
     msgs.into_iter().map(|m| m.text).collect()
 }
 
@@ -59,7 +66,11 @@ async fn acknowledged_writes_survive_kill9_of_every_node_and_restart_of_any_two(
     c.wait_ready(Duration::from_secs(60)).await.unwrap();
     let n = Natter::new(ShardClient::new(c.addrs()), c.shards);
     for (conv, text) in &acked {
-        assert_eq!(texts(&n, conv).await, vec![text.clone()], "acknowledged message lost in {conv}");
+        assert_eq!(
+            texts(&n, conv).await,
+            vec![text.clone()],
+            "acknowledged message lost in {conv}"
+        );
     }
 }
 
@@ -88,14 +99,23 @@ fn start_load(n: &Natter, convs: &[String]) -> Load {
                     // idempotent, so a retried success is never a duplicate.
                     let deadline = Instant::now() + Duration::from_secs(60);
                     loop {
-                        let (_, out) = n.exec_once(Natter::send_op(&conv, ALICE, &cmid, &text)).await;
+                        let (_, out) = n
+                            .exec_once(Natter::send_op(&conv, ALICE, &cmid, &text))
+                            .await;
                         if let Outcome::Ok(raw) = out {
                             if let Ok(R::Sent(_)) = natter_tests::natter::decode(&raw) {
-                                acked.lock().unwrap().entry(conv.clone()).or_default().push(text.clone());
+                                acked
+                                    .lock()
+                                    .unwrap()
+                                    .entry(conv.clone())
+                                    .or_default()
+                                    .push(text.clone());
                             }
                             break;
                         }
-                        if Instant::now() > deadline || stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        if Instant::now() > deadline
+                            || stop.load(std::sync::atomic::Ordering::Relaxed)
+                        {
                             break;
                         }
                         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -117,7 +137,11 @@ impl Load {
         let target = self.count() + more;
         let deadline = Instant::now() + Duration::from_secs(90);
         while self.count() < target {
-            assert!(Instant::now() < deadline, "writes did not resume: stuck at {} acks", self.count());
+            assert!(
+                Instant::now() < deadline,
+                "writes did not resume: stuck at {} acks",
+                self.count()
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
@@ -139,7 +163,11 @@ async fn check_acked(n: &Natter, acked: &BTreeMap<String, Vec<String>>) {
         let unique: BTreeSet<&String> = got.iter().collect();
         assert_eq!(unique.len(), got.len(), "duplicate messages in {conv}");
         let got_acked: Vec<&String> = got.iter().filter(|t| sent.contains(t)).collect();
-        assert_eq!(got_acked, sent.iter().collect::<Vec<_>>(), "acknowledged messages of {conv} lost or reordered");
+        assert_eq!(
+            got_acked,
+            sent.iter().collect::<Vec<_>>(),
+            "acknowledged messages of {conv} lost or reordered"
+        );
     }
 }
 
@@ -159,24 +187,43 @@ async fn check_replicas_equal(c: &Cluster, shard_convs: &[(u32, String)]) {
         if groups.len() == applied.len() {
             break;
         }
-        assert!(Instant::now() < deadline, "replicas did not converge: {applied:?}");
+        assert!(
+            Instant::now() < deadline,
+            "replicas did not converge: {applied:?}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     for (shard, conv) in shard_convs {
         let q = pb::Query {
             now_ms: 0,
-            q: Some(pb::query::Q::History(pb::History { viewer_id: ALICE.into(), conversation_id: conv.clone(), before_seq: 0, limit: 500 })),
+            q: Some(pb::query::Q::History(pb::History {
+                viewer_id: ALICE.into(),
+                conversation_id: conv.clone(),
+                before_seq: 0,
+                limit: 500,
+            })),
         };
         let mut views = BTreeSet::new();
         for id in c.ids() {
-            let raw = ShardClient::read_at(&c.node(id).addr, *shard, &prost::Message::encode_to_vec(&q), Consistency::Stale).await.unwrap();
+            let raw = ShardClient::read_at(
+                &c.node(id).addr,
+                *shard,
+                &prost::Message::encode_to_vec(&q),
+                Consistency::Stale,
+            )
+            .await
+            .unwrap();
             // Compare the messages, not the page (it carries the serving node's clock).
             match natter_tests::natter::decode(&raw).unwrap() {
                 R::History(p) => views.insert(format!("{:?}", p.messages)),
                 other => panic!("history at node {id}: {other:?}"),
             };
         }
-        assert_eq!(views.len(), 1, "replicas of shard {shard} differ for {conv}");
+        assert_eq!(
+            views.len(),
+            1,
+            "replicas of shard {shard} differ for {conv}"
+        );
     }
 }
 
@@ -198,14 +245,23 @@ async fn leader_killed_under_load_fails_over_and_restarted_node_catches_up() {
     load.wait_for_more(40).await;
     let acked = load.finish().await;
     check_acked(&n, &acked).await;
-    let shard_convs: Vec<(u32, String)> = convs.iter().enumerate().map(|(i, cv)| (i as u32 + 1, cv.clone())).collect();
+    let shard_convs: Vec<(u32, String)> = convs
+        .iter()
+        .enumerate()
+        .map(|(i, cv)| (i as u32 + 1, cv.clone()))
+        .collect();
     check_replicas_equal(&c, &shard_convs).await;
 }
 
 #[tokio::test]
 async fn node_down_during_purge_catches_up_by_snapshot_while_purges_race_applies() {
     let mut opts = ClusterOpts::default();
-    opts.node_args.extend(["--snapshot-logs".into(), "20".into(), "--keep-logs".into(), "0".into()]);
+    opts.node_args.extend([
+        "--snapshot-logs".into(),
+        "20".into(),
+        "--keep-logs".into(),
+        "0".into(),
+    ]);
     let mut c = Cluster::start(opts).await.unwrap();
     let n = natter(&c).await;
     let convs = conversation_per_shard(&n).await;
@@ -219,7 +275,13 @@ async fn node_down_during_purge_catches_up_by_snapshot_while_purges_race_applies
     // flight (a down follower always has one), but followers purge. So the
     // follower that purged takes over, and node 3 must then be sent a snapshot.
     let st = c.status(2).await.unwrap();
-    assert!(st.groups.iter().filter(|g| g.group != 0).all(|g| g.purged_index > 0), "node 2 did not purge: {st:?}");
+    assert!(
+        st.groups
+            .iter()
+            .filter(|g| g.group != 0)
+            .all(|g| g.purged_index > 0),
+        "node 2 did not purge: {st:?}"
+    );
     for shard in 1..=c.shards {
         c.transfer_leader(shard, 2).await.unwrap();
     }
@@ -231,11 +293,18 @@ async fn node_down_during_purge_catches_up_by_snapshot_while_purges_race_applies
     }
     let st3 = c.status(3).await.unwrap();
     assert!(
-        st3.groups.iter().filter(|g| g.group != 0).all(|g| g.snapshot_index > 0),
+        st3.groups
+            .iter()
+            .filter(|g| g.group != 0)
+            .all(|g| g.snapshot_index > 0),
         "node 3 should have installed snapshots: {st3:?}"
     );
     check_acked(&n, &acked).await;
-    let shard_convs: Vec<(u32, String)> = convs.iter().enumerate().map(|(i, cv)| (i as u32 + 1, cv.clone())).collect();
+    let shard_convs: Vec<(u32, String)> = convs
+        .iter()
+        .enumerate()
+        .map(|(i, cv)| (i as u32 + 1, cv.clone()))
+        .collect();
     check_replicas_equal(&c, &shard_convs).await;
 }
 
@@ -259,7 +328,11 @@ async fn whole_cluster_restart_keeps_every_acknowledged_write() {
 }
 
 fn sst_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
-    let mut v: Vec<_> = std::fs::read_dir(dir).unwrap().filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.extension().is_some_and(|x| x == "sst")).collect();
+    let mut v: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "sst"))
+        .collect();
     v.sort();
     v
 }
@@ -275,12 +348,17 @@ fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
 
 /// Starts node `id` expecting it to refuse; returns what it logged.
 async fn expect_refusal(c: &mut Cluster, id: u64, what: &str) -> String {
-    let before = std::fs::read_to_string(&c.node(id).log).unwrap_or_default().len();
+    let before = std::fs::read_to_string(&c.node(id).log)
+        .unwrap_or_default()
+        .len();
     c.spawn(id).unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
     let mut node = c.nodes.remove(&id).unwrap();
     while node.is_running() {
-        assert!(Instant::now() < deadline, "node {id} started on a data dir with {what}");
+        assert!(
+            Instant::now() < deadline,
+            "node {id} started on a data dir with {what}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let log = std::fs::read_to_string(&node.log).unwrap_or_default()[before..].to_string();
@@ -295,7 +373,9 @@ async fn damaged_data_dir_is_refused_with_an_error_naming_the_problem() {
     let n = natter(&c).await;
     let convs = conversation_per_shard(&n).await;
     for (i, conv) in convs.iter().enumerate() {
-        n.send(conv, ALICE, &uuid(), &format!("m{i}")).await.unwrap();
+        n.send(conv, ALICE, &uuid(), &format!("m{i}"))
+            .await
+            .unwrap();
     }
     c.stop(3).unwrap(); // a clean stop flushes memtables into SST files
     let dir = c.node(3).data_dir.clone();
@@ -307,10 +387,19 @@ async fn damaged_data_dir_is_refused_with_an_error_naming_the_problem() {
     // 1. A truncated SST file.
     let f = &ssts[0];
     let len = std::fs::metadata(f).unwrap().len();
-    std::fs::OpenOptions::new().write(true).open(f).unwrap().set_len(len / 2).unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(f)
+        .unwrap()
+        .set_len(len / 2)
+        .unwrap();
     let log = expect_refusal(&mut c, 3, "a truncated SST").await;
     let name = f.file_name().unwrap().to_string_lossy().to_string();
-    assert!(log.contains("refuses to start") && log.contains(&name.trim_end_matches(".sst").trim_start_matches('0')), "log should name {name}:\n{log}");
+    assert!(
+        log.contains("refuses to start")
+            && log.contains(&name.trim_end_matches(".sst").trim_start_matches('0')),
+        "log should name {name}:\n{log}"
+    );
 
     // 2. Flipped bits inside every SST's first data block.
     copy_dir(&backup, &dir);
@@ -322,25 +411,38 @@ async fn damaged_data_dir_is_refused_with_an_error_naming_the_problem() {
         std::fs::write(&f, bytes).unwrap();
     }
     let log = expect_refusal(&mut c, 3, "flipped bits").await;
-    assert!(log.contains("refuses to start") && log.to_lowercase().contains("corrupt"), "log should report corruption:\n{log}");
+    assert!(
+        log.contains("refuses to start") && log.to_lowercase().contains("corrupt"),
+        "log should report corruption:\n{log}"
+    );
 
     // 3. The MANIFEST pointer gone.
     copy_dir(&backup, &dir);
     std::fs::remove_file(dir.join("CURRENT")).unwrap();
     let log = expect_refusal(&mut c, 3, "no CURRENT file").await;
-    assert!(log.contains("CURRENT"), "log should name the missing CURRENT file:\n{log}");
+    assert!(
+        log.contains("CURRENT"),
+        "log should name the missing CURRENT file:\n{log}"
+    );
 
     // 4. Another node's data dir.
     c.stop(2).unwrap();
     copy_dir(&c.node(2).data_dir.clone(), &dir);
     c.spawn(2).unwrap();
     let log = expect_refusal(&mut c, 3, "node 2's data").await;
-    assert!(log.contains("belongs to node 2"), "log should say whose data it is:\n{log}");
+    assert!(
+        log.contains("belongs to node 2"),
+        "log should say whose data it is:\n{log}"
+    );
 
     // Restored, it starts and serves everything it had.
     copy_dir(&backup, &dir);
     c.restart(3).await.unwrap();
-    let shard_convs: Vec<(u32, String)> = convs.iter().enumerate().map(|(i, cv)| (i as u32 + 1, cv.clone())).collect();
+    let shard_convs: Vec<(u32, String)> = convs
+        .iter()
+        .enumerate()
+        .map(|(i, cv)| (i as u32 + 1, cv.clone()))
+        .collect();
     check_replicas_equal(&c, &shard_convs).await;
 }
 
@@ -349,27 +451,83 @@ async fn malformed_rpcs_get_errors_and_the_node_keeps_serving() {
     use natter_proto::cluster::raft_transport_client::RaftTransportClient;
     let c = Cluster::start(ClusterOpts::default()).await.unwrap();
     let addr = c.node(1).addr.clone();
-    let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();
+    let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
     let mut raft = RaftTransportClient::new(ch.clone()).max_encoding_message_size(usize::MAX);
-    let req = |group, kind: RaftKind, payload: Vec<u8>| RaftRequest { group, kind: kind as i32, payload, from: 99 };
+    let req = |group, kind: RaftKind, payload: Vec<u8>| RaftRequest {
+        group,
+        kind: kind as i32,
+        payload,
+        from: 99,
+    };
 
-    let e = raft.raft(req(9999, RaftKind::Vote, vec![])).await.unwrap_err();
+    let e = raft
+        .raft(req(9999, RaftKind::Vote, vec![]))
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), tonic::Code::NotFound, "{e}");
-    for kind in [RaftKind::AppendEntries, RaftKind::Vote, RaftKind::InstallSnapshot] {
-        let e = raft.raft(req(1, kind, vec![0xde, 0xad, 0xbe, 0xef, 0xff, 0xff, 0xff, 0xff, 1, 2, 3])).await.unwrap_err();
+    for kind in [
+        RaftKind::AppendEntries,
+        RaftKind::Vote,
+        RaftKind::InstallSnapshot,
+    ] {
+        let e = raft
+            .raft(req(
+                1,
+                kind,
+                vec![0xde, 0xad, 0xbe, 0xef, 0xff, 0xff, 0xff, 0xff, 1, 2, 3],
+            ))
+            .await
+            .unwrap_err();
         assert_eq!(e.code(), tonic::Code::InvalidArgument, "{kind:?}: {e}");
     }
-    let e = raft.raft(req(1, RaftKind::Unspecified, vec![])).await.unwrap_err();
+    let e = raft
+        .raft(req(1, RaftKind::Unspecified, vec![]))
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), tonic::Code::InvalidArgument);
-    let e = raft.raft(req(1, RaftKind::AppendEntries, vec![7; 65 * 1024 * 1024])).await.unwrap_err();
-    assert_eq!(e.code(), tonic::Code::OutOfRange, "oversized raft message: {e}");
+    let e = raft
+        .raft(req(1, RaftKind::AppendEntries, vec![7; 65 * 1024 * 1024]))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        e.code(),
+        tonic::Code::OutOfRange,
+        "oversized raft message: {e}"
+    );
 
-    let mut node = natter_proto::cluster::node_client::NodeClient::new(ch).max_encoding_message_size(usize::MAX);
-    let e = node.propose(ProposeRequest { shard: 1, command: vec![0xff; 32] }).await.unwrap_err();
-    assert_eq!(e.code(), tonic::Code::InvalidArgument, "garbage command: {e}");
-    let e = node.propose(ProposeRequest { shard: 77, command: vec![] }).await.unwrap_err();
+    let mut node = natter_proto::cluster::node_client::NodeClient::new(ch)
+        .max_encoding_message_size(usize::MAX);
+    let e = node
+        .propose(ProposeRequest {
+            shard: 1,
+            command: vec![0xff; 32],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        e.code(),
+        tonic::Code::InvalidArgument,
+        "garbage command: {e}"
+    );
+    let e = node
+        .propose(ProposeRequest {
+            shard: 77,
+            command: vec![],
+        })
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), tonic::Code::NotFound, "unknown shard: {e}");
-    let e = node.propose(ProposeRequest { shard: 1, command: vec![0; 2 * 1024 * 1024] }).await.unwrap_err();
+    let e = node
+        .propose(ProposeRequest {
+            shard: 1,
+            command: vec![0; 2 * 1024 * 1024],
+        })
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), tonic::Code::OutOfRange, "oversized command: {e}");
 
     // Raw garbage on the socket: the connection is dropped, nothing else.

@@ -1,0 +1,88 @@
+//! Reading and writing protobuf rows, and the shard clock.
+//!
+//! A row that doesn't decode is reported as [`KvError::Corrupt`], never a
+//! panic. The shard clock keeps the largest stamped time seen, so the time
+//! the model uses never goes backwards even if leaders' clocks disagree.
+
+use std::ops::Bound;
+
+use natter_kv::{prefix_end, KvError, KvRead, KvResult, KvWrite, Pair};
+use prost::Message;
+
+use crate::keys;
+use crate::pb;
+
+/// Decodes a row read from `key`.
+pub(crate) fn decode<M: Message + Default>(key: &[u8], bytes: &[u8]) -> KvResult<M> {
+    M::decode(bytes).map_err(|e| KvError::Corrupt {
+        key: key.to_vec(),
+        reason: e.to_string(),
+    })
+}
+
+/// The row at `key`, if any.
+pub(crate) fn get<M: Message + Default>(kv: &dyn KvRead, key: &[u8]) -> KvResult<Option<M>> {
+    match kv.get(key)? {
+        Some(bytes) => decode(key, &bytes).map(Some),
+        None => Ok(None),
+    }
+}
+
+pub(crate) fn put<M: Message>(kv: &mut dyn KvWrite, key: &[u8], row: &M) {
+    kv.put(key, &row.encode_to_vec());
+}
+
+/// Keys in `[from, end of prefix)`, ascending, at most `limit`.
+pub(crate) fn scan_from(
+    kv: &dyn KvRead,
+    prefix: &[u8],
+    from: Bound<&[u8]>,
+    limit: usize,
+) -> KvResult<Vec<Pair>> {
+    let end = prefix_end(prefix);
+    let end = match &end {
+        Some(e) => Bound::Excluded(e.as_slice()),
+        None => Bound::Unbounded,
+    };
+    kv.scan(from, end, false, limit)
+}
+
+/// The last 8 bytes of a key as a big-endian integer.
+pub(crate) fn tail_u64(key: &[u8]) -> KvResult<u64> {
+    key.len()
+        .checked_sub(8)
+        .and_then(|at| key.get(at..))
+        .and_then(|b| <[u8; 8]>::try_from(b).ok())
+        .map(u64::from_be_bytes)
+        .ok_or_else(|| KvError::Corrupt {
+            key: key.to_vec(),
+            reason: "key too short".into(),
+        })
+}
+
+/// The 8 bytes at `at` of a key as a big-endian integer.
+pub(crate) fn u64_at(key: &[u8], at: usize) -> KvResult<u64> {
+    key.get(at..at + 8)
+        .and_then(|b| <[u8; 8]>::try_from(b).ok())
+        .map(u64::from_be_bytes)
+        .ok_or_else(|| KvError::Corrupt {
+            key: key.to_vec(),
+            reason: "key too short".into(),
+        })
+}
+
+/// The shard's current time (0 before the first command).
+pub(crate) fn clock(kv: &dyn KvRead) -> KvResult<u64> {
+    Ok(get::<pb::ClockRow>(kv, &keys::clock())?.map_or(0, |c| c.now_ms))
+}
+
+/// Moves the shard clock to `max(stamp, clock)` and returns it.
+pub(crate) fn advance_clock(kv: &mut dyn KvWrite, stamp: u64) -> KvResult<u64> {
+    let last = clock(&*kv)?;
+    if stamp > last {
+        put(kv, &keys::clock(), &pb::ClockRow { now_ms: stamp });
+        Ok(stamp)
+    } else {
+        Ok(last)
+    }
+}

@@ -1,0 +1,236 @@
+//! Reading a conversation: cold start, delta sync and history.
+//!
+//! **Cold start** (`token = 0`): the metadata, the newest page of live
+//! messages, `token` = the conversation version, and `before_seq` for
+//! `History`, which pages older live messages backwards.
+//!
+//! **Delta** (`token > 0`): the change index holds every entity once, at the
+//! version of its latest change, so "everything after the token" is a range
+//! scan of the global index merged with the viewer's private one (their
+//! "delete for me" changes). Each entity is returned at its current state:
+//! live messages in full, deleted, expired or hidden ones as tombstones.
+//! Cost is proportional to the changes returned, not to the conversation.
+//!
+//! A message is live for a viewer when it isn't a tombstone, its seq is
+//! above the viewer's `cleared_through_seq`, they didn't delete it for
+//! themself, and it hasn't expired by the query time — expired-but-not-yet-
+//! purged messages are hidden too.
+
+use std::ops::Bound;
+
+use natter_kv::{KvRead, KvResult};
+
+use crate::codec::{decode, get, scan_from, tail_u64};
+use crate::conversations::{hidden_for, view, Conv};
+use crate::error::Res;
+use crate::ids::Id;
+use crate::keys;
+use crate::limits::{page_limit, SCAN_BUDGET};
+use crate::messages::{expired_by, stripped};
+use crate::pb::{self, conversation_change::Change, response::R};
+
+/// Who is reading, and when.
+struct Viewer<'a> {
+    conv: &'a Conv,
+    me: &'a pb::Member,
+    now: u64,
+}
+
+impl Viewer<'_> {
+    fn live(&self, kv: &dyn KvRead, msg: &pb::Message) -> KvResult<bool> {
+        Ok(!msg.deleted
+            && msg.seq > self.me.cleared_through_seq
+            && !expired_by(msg, self.conv.row.retention_ms, self.now)
+            && !hidden_for(kv, &self.conv.id, self.me, msg.seq)?)
+    }
+
+    /// The message as this viewer may see it.
+    fn shown(&self, kv: &dyn KvRead, msg: pb::Message) -> KvResult<pb::Message> {
+        if self.live(kv, &msg)? {
+            return Ok(msg);
+        }
+        let mut t = stripped(&msg);
+        t.expired = msg.expired || expired_by(&msg, self.conv.row.retention_ms, self.now);
+        Ok(t)
+    }
+}
+
+fn open(kv: &dyn KvRead, conversation_id: &str, viewer_id: &str) -> Res<Conv> {
+    let id = Id::parse(conversation_id, "conversation_id")?;
+    Id::parse(viewer_id, "viewer_id")?;
+    Conv::load_for(kv, id, viewer_id)
+}
+
+/// Live messages below `before` (exclusive), newest first, at most `lim`,
+/// returned oldest first, with the cursor for the next older page (0 = no
+/// older live message).
+fn page_back(
+    kv: &dyn KvRead,
+    v: &Viewer<'_>,
+    before: u64,
+    lim: usize,
+) -> KvResult<(Vec<pb::Message>, u64)> {
+    let id = &v.conv.id;
+    let floor = v.me.cleared_through_seq.max(v.conv.row.purged_through_seq);
+    let retention = v.conv.row.retention_ms;
+    let lo = keys::message(id, floor.saturating_add(1));
+    let mut hi = before;
+    let mut out: Vec<pb::Message> = Vec::new();
+    let mut scanned = 0;
+    loop {
+        if hi <= floor.saturating_add(1) {
+            break;
+        }
+        let chunk = SCAN_BUDGET.saturating_sub(scanned).min(lim + 1).max(1);
+        let hi_key = keys::message(id, hi);
+        let rows = kv.scan(Bound::Included(&lo), Bound::Excluded(&hi_key), true, chunk)?;
+        let n = rows.len();
+        for (k, val) in rows {
+            let msg = decode::<pb::Message>(&k, &val)?;
+            scanned += 1;
+            hi = msg.seq;
+            if retention > 0 && msg.created_at_ms.saturating_add(retention) <= v.now {
+                // Seq order is time order: everything older is gone too.
+                out.reverse();
+                return Ok((out, 0));
+            }
+            if v.live(kv, &msg)? {
+                if out.len() == lim {
+                    let cursor = out.last().map_or(0, |m| m.seq);
+                    out.reverse();
+                    return Ok((out, cursor));
+                }
+                out.push(msg);
+            }
+        }
+        if n < chunk {
+            break;
+        }
+        if scanned >= SCAN_BUDGET {
+            // Out of budget: the client continues below the last row seen.
+            out.reverse();
+            return Ok((out, hi));
+        }
+    }
+    out.reverse();
+    Ok((out, 0))
+}
+
+/// Query `SyncConversation`.
+pub(crate) fn sync(kv: &dyn KvRead, now: u64, q: pb::SyncConversation) -> Res<R> {
+    let conv = open(kv, &q.conversation_id, &q.viewer_id)?;
+    let lim = page_limit(q.limit)?;
+    let Some(me) = conv.member(&q.viewer_id) else {
+        return Err(crate::error::no_conversation());
+    };
+    let v = Viewer {
+        conv: &conv,
+        me,
+        now,
+    };
+    let row = &conv.row;
+    let mut changes = vec![pb::ConversationChange {
+        change: Some(Change::Conversation(view(row, &q.viewer_id))),
+    }];
+    if q.token == 0 || q.token > row.version {
+        let (messages, before_seq) = page_back(kv, &v, row.last_seq.saturating_add(1), lim)?;
+        changes.extend(messages.into_iter().map(|m| pb::ConversationChange {
+            change: Some(Change::Message(m)),
+        }));
+        return Ok(R::ConversationSync(pb::ConversationSync {
+            changes,
+            token: row.version,
+            has_more: false,
+            before_seq,
+            cold_start: true,
+            now_ms: now,
+        }));
+    }
+    changes.clear();
+    let id = &conv.id;
+    let user = Id::parse(&q.viewer_id, "viewer_id")?;
+    // (version, seq or None for the metadata, private?)
+    let mut entries: Vec<(u64, Option<u64>, bool)> = Vec::new();
+    let global_from = keys::change(id, q.token);
+    for (k, val) in scan_from(
+        kv,
+        &keys::change_prefix(id),
+        Bound::Excluded(&global_from),
+        lim + 1,
+    )? {
+        let r = decode::<pb::IndexRef>(&k, &val)?;
+        entries.push((tail_u64(&k)?, (!r.meta).then_some(r.seq), false));
+    }
+    let private_from = keys::private_change(id, &user, q.token);
+    let private_prefix = keys::private_change_prefix(id, &user);
+    for (k, val) in scan_from(kv, &private_prefix, Bound::Excluded(&private_from), lim + 1)? {
+        let r = decode::<pb::IndexRef>(&k, &val)?;
+        entries.push((tail_u64(&k)?, Some(r.seq), true));
+    }
+    entries.sort_unstable();
+    let has_more = entries.len() > lim;
+    entries.truncate(lim);
+    let mut token = row.version;
+    if has_more {
+        token = entries.last().map_or(q.token, |e| e.0);
+    }
+    for (version, seq, private) in entries {
+        let Some(seq) = seq else {
+            changes.push(pb::ConversationChange {
+                change: Some(Change::Conversation(view(row, &q.viewer_id))),
+            });
+            continue;
+        };
+        if seq <= me.cleared_through_seq {
+            continue;
+        }
+        let Some(msg) = get::<pb::Message>(kv, &keys::message(id, seq))? else {
+            continue;
+        };
+        let msg = if private {
+            pb::Message {
+                version,
+                ..stripped(&msg)
+            }
+        } else {
+            v.shown(kv, msg)?
+        };
+        changes.push(pb::ConversationChange {
+            change: Some(Change::Message(msg)),
+        });
+    }
+    Ok(R::ConversationSync(pb::ConversationSync {
+        changes,
+        token,
+        has_more,
+        before_seq: 0,
+        cold_start: false,
+        now_ms: now,
+    }))
+}
+
+/// Query `History`.
+pub(crate) fn history(kv: &dyn KvRead, now: u64, q: pb::History) -> Res<R> {
+    let conv = open(kv, &q.conversation_id, &q.viewer_id)?;
+    let lim = page_limit(q.limit)?;
+    let Some(me) = conv.member(&q.viewer_id) else {
+        return Err(crate::error::no_conversation());
+    };
+    let v = Viewer {
+        conv: &conv,
+        me,
+        now,
+    };
+    let top = conv.row.last_seq.saturating_add(1);
+    let before = if q.before_seq == 0 {
+        top
+    } else {
+        q.before_seq.min(top)
+    };
+    let (messages, before_seq) = page_back(kv, &v, before, lim)?;
+    Ok(R::History(pb::MessagePage {
+        messages,
+        before_seq,
+        now_ms: now,
+    }))
+}
