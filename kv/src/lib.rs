@@ -42,12 +42,7 @@ pub trait KvRead {
     /// Every pair whose key starts with `prefix`, ascending, at most `limit`.
     fn scan_prefix(&self, prefix: &[u8], limit: usize) -> KvResult<Vec<Pair>> {
         match prefix_end(prefix) {
-            Some(end) => self.scan(
-                Bound::Included(prefix),
-                Bound::Excluded(&end),
-                false,
-                limit,
-            ),
+            Some(end) => self.scan(Bound::Included(prefix), Bound::Excluded(&end), false, limit),
             None => self.scan(Bound::Included(prefix), Bound::Unbounded, false, limit),
         }
     }

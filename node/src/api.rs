@@ -10,14 +10,16 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use natter_model::pb;
 use natter_proto::cluster::node_server::Node;
 use natter_proto::cluster::{
-    propose_reply, read_reply, Consistency as PbConsistency, GroupStatus as PbGroupStatus,
-    MetaResponse, NotLeader, ProposeReply, ProposeRequest, ReadReply, ReadRequest, ShardMap,
-    ShardMapRequest, StatusReply, StatusRequest, TransferLeaderReply, TransferLeaderRequest,
+    propose_reply, read_reply, ChangeEvent, Consistency as PbConsistency,
+    GroupStatus as PbGroupStatus, MetaResponse, NotLeader, ProposeReply, ProposeRequest, ReadReply,
+    ReadRequest, ShardMap, ShardMapRequest, StatusReply, StatusRequest, TransferLeaderReply,
+    TransferLeaderRequest, WatchRequest,
 };
 use natter_raft_store::{Consistency, Error, RaftHost};
 use prost::Message;
 use tonic::{Request, Response, Status};
 
+use crate::events::Events;
 use crate::META_GROUP;
 
 /// Largest command or query a client may send (the model's own limits are
@@ -27,6 +29,7 @@ pub const MAX_REQUEST_BYTES: usize = 1024 * 1024;
 pub struct NodeApi {
     pub host: Arc<RaftHost>,
     pub region: String,
+    pub events: Events,
 }
 
 pub fn now_ms() -> u64 {
@@ -91,11 +94,17 @@ impl Node for NodeApi {
         } else {
             stamp_command(&req.command, now_ms())?
         };
-        let reply = match self.host.propose(req.shard, command).await {
-            Ok(p) => ProposeReply {
-                result: Some(propose_reply::Result::Response(p.response)),
-                index: p.index,
-            },
+        let reply = match self.host.propose(req.shard, command.clone()).await {
+            Ok(p) => {
+                if req.shard != META_GROUP {
+                    self.events
+                        .publish(req.shard, p.index, &command, &p.response);
+                }
+                ProposeReply {
+                    result: Some(propose_reply::Result::Response(p.response)),
+                    index: p.index,
+                }
+            }
             Err(e) => ProposeReply {
                 result: Some(propose_reply::Result::NotLeader(classify(e)?)),
                 index: 0,
@@ -159,6 +168,28 @@ impl Node for NodeApi {
             wal_fsyncs,
             wal_appends,
         }))
+    }
+
+    type WatchStream =
+        std::pin::Pin<Box<dyn futures::Stream<Item = Result<ChangeEvent, Status>> + Send>>;
+
+    async fn watch(
+        &self,
+        _request: Request<WatchRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        let rx = self.events.subscribe();
+        let stream = futures::stream::unfold(rx, |mut rx| async move {
+            let item = match rx.recv().await {
+                Ok(ev) => ev,
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => ChangeEvent {
+                    lagged: true,
+                    ..Default::default()
+                },
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+            };
+            Some((Ok(item), rx))
+        });
+        Ok(Response::new(Box::pin(stream)))
     }
 
     async fn transfer_leader(

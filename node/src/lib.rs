@@ -7,11 +7,13 @@
 //! - [`meta`]: the meta group's state machine (node registry, placement);
 //! - [`api`]: the data API (propose, read, status, shard map);
 //! - [`bootstrap`]: which groups to start, and creating a new cluster;
-//! - [`workers`]: leader-side loops (outbox fan-out, expiry ticks).
+//! - [`workers`], [`remote`]: leader-side loops (outbox fan-out, expiry ticks);
+//! - [`events`]: change events for `Watch` streams (router push).
 
 pub mod api;
 pub mod bootstrap;
 pub mod config;
+pub mod events;
 pub mod meta;
 pub mod remote;
 pub mod workers;
@@ -57,9 +59,11 @@ pub async fn run(cfg: config::Config) -> Result<()> {
     let listener = tokio::net::TcpListener::bind(&cfg.listen)
         .await
         .with_context(|| format!("cannot listen on {}", cfg.listen))?;
+    let events = events::Events::default();
     let api = api::NodeApi {
         host: host.clone(),
         region: cfg.region.clone(),
+        events: events.clone(),
     };
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let server = {
@@ -78,7 +82,7 @@ pub async fn run(cfg: config::Config) -> Result<()> {
     };
 
     bootstrap::start_groups(&host, &cfg).await?;
-    let workers = workers::spawn(host.clone(), stop_rx.clone());
+    let workers = workers::spawn(host.clone(), events, stop_rx.clone());
     tracing::info!(node = cfg.node_id, listen = %cfg.listen, groups = ?host.hosted(), "node ready");
 
     shutdown_signal().await;

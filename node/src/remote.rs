@@ -14,18 +14,21 @@ use prost::Message;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::api::{now_ms, stamp_command};
+use crate::events::Events;
 use crate::META_GROUP;
 
 pub struct Remote {
     host: Arc<RaftHost>,
+    events: Events,
     clients: Mutex<HashMap<String, NodeClient<Channel>>>,
     leaders: Mutex<HashMap<u32, String>>,
 }
 
 impl Remote {
-    pub fn new(host: Arc<RaftHost>) -> Self {
+    pub fn new(host: Arc<RaftHost>, events: Events) -> Self {
         Remote {
             host,
+            events,
             clients: Default::default(),
             leaders: Default::default(),
         }
@@ -57,12 +60,12 @@ impl Remote {
     /// Proposes a model command to `shard` and returns the response.
     pub async fn propose(&self, shard: u32, command: &[u8]) -> Result<Vec<u8>> {
         if self.host.is_leader(shard) {
-            match self
-                .host
-                .propose(shard, stamp_command(command, now_ms())?)
-                .await
-            {
-                Ok(p) => return Ok(p.response),
+            let stamped = stamp_command(command, now_ms())?;
+            match self.host.propose(shard, stamped.clone()).await {
+                Ok(p) => {
+                    self.events.publish(shard, p.index, &stamped, &p.response);
+                    return Ok(p.response);
+                }
                 Err(Error::NotLeader { .. }) => {}
                 Err(e) => return Err(e.into()),
             }

@@ -21,14 +21,19 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::api::{now_ms, stamp_query};
+use crate::events::Events;
 use crate::remote::Remote;
 use crate::META_GROUP;
 
 /// Outbox rows handled per round.
 const OUTBOX_BATCH: u32 = 256;
 
-pub fn spawn(host: Arc<RaftHost>, stop: watch::Receiver<bool>) -> Vec<JoinHandle<()>> {
-    let remote = Arc::new(Remote::new(host.clone()));
+pub fn spawn(
+    host: Arc<RaftHost>,
+    events: Events,
+    stop: watch::Receiver<bool>,
+) -> Vec<JoinHandle<()>> {
+    let remote = Arc::new(Remote::new(host.clone(), events));
     host.hosted()
         .into_iter()
         .filter(|g| *g != META_GROUP)
