@@ -92,7 +92,14 @@ pub async fn run(cfg: config::Config) -> Result<()> {
         let _ = w.await;
     }
     host.shutdown().await;
-    let _ = server.await;
+    // Open client connections (routers keep theirs) would hold a graceful
+    // server stop forever; give them a moment, then drop them.
+    if tokio::time::timeout(std::time::Duration::from_secs(2), server)
+        .await
+        .is_err()
+    {
+        tracing::info!("closing remaining client connections");
+    }
     Ok(())
 }
 

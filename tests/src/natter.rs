@@ -162,3 +162,196 @@ impl Natter {
         }
     }
 }
+
+use natter_model::client::{ConversationView, FeedView};
+use natter_model::pb::query::Q as Query;
+
+impl Natter {
+    /// Registers a user with a fresh id (username claim, then the user row).
+    pub async fn create_user(&self, username: &str) -> Result<String> {
+        let id = uuid();
+        match self
+            .exec(Op::ClaimUsername(pb::ClaimUsername {
+                username: username.into(),
+                user_id: id.clone(),
+            }))
+            .await?
+        {
+            R::Username(_) => {}
+            other => bail!("claim {username}: {other:?}"),
+        }
+        match self
+            .exec(Op::CreateUser(pb::CreateUser {
+                user_id: id.clone(),
+                username: username.into(),
+                password_hash: "$test$not-a-real-hash".into(),
+                ..Default::default()
+            }))
+            .await?
+        {
+            R::User(_) => Ok(id),
+            other => bail!("create user {username}: {other:?}"),
+        }
+    }
+
+    /// `a` asks, `b` accepts.
+    pub async fn befriend(&self, a: &str, b: &str) -> Result<()> {
+        let r = self
+            .exec(Op::FriendRequest(pb::FriendRequest {
+                from: a.into(),
+                to: b.into(),
+            }))
+            .await?;
+        if let R::Error(e) = r {
+            bail!("friend request: {e:?}");
+        }
+        match self
+            .exec(Op::FriendAccept(pb::FriendAccept {
+                user_id: b.into(),
+                requester_id: a.into(),
+            }))
+            .await?
+        {
+            R::Error(e) => bail!("friend accept: {e:?}"),
+            _ => Ok(()),
+        }
+    }
+
+    /// A full read of a conversation as `viewer`: cold start, then History
+    /// back to the first message. Returns the view and its sync token.
+    pub async fn full_conversation(
+        &self,
+        viewer: &str,
+        conv: &str,
+    ) -> Result<(ConversationView, u64)> {
+        let s = match self
+            .query(Query::SyncConversation(pb::SyncConversation {
+                viewer_id: viewer.into(),
+                conversation_id: conv.into(),
+                token: 0,
+                limit: 100,
+            }))
+            .await?
+        {
+            R::ConversationSync(s) => s,
+            other => bail!("cold start of {conv}: {other:?}"),
+        };
+        let mut view = ConversationView::default();
+        view.apply(&s.changes)?;
+        let mut before = s.before_seq;
+        while before != 0 {
+            let page = match self
+                .query(Query::History(pb::History {
+                    viewer_id: viewer.into(),
+                    conversation_id: conv.into(),
+                    before_seq: before,
+                    limit: 100,
+                }))
+                .await?
+            {
+                R::History(p) => p,
+                other => bail!("history of {conv}: {other:?}"),
+            };
+            for m in page.messages {
+                view.messages.insert(m.seq, m);
+            }
+            before = page.before_seq;
+        }
+        view.normalize(s.now_ms);
+        Ok((view, s.token))
+    }
+
+    /// Applies the deltas since `token` (paging) and returns the new token.
+    pub async fn catch_up(
+        &self,
+        viewer: &str,
+        conv: &str,
+        view: &mut ConversationView,
+        mut token: u64,
+    ) -> Result<u64> {
+        loop {
+            let s = match self
+                .query(Query::SyncConversation(pb::SyncConversation {
+                    viewer_id: viewer.into(),
+                    conversation_id: conv.into(),
+                    token,
+                    limit: 7, // small pages, so paging is exercised
+                }))
+                .await?
+            {
+                R::ConversationSync(s) => s,
+                other => bail!("delta sync of {conv}: {other:?}"),
+            };
+            if s.cold_start {
+                bail!("delta sync of {conv} from {token} answered with a cold start");
+            }
+            view.apply(&s.changes)?;
+            token = s.token;
+            if !s.has_more {
+                view.normalize(s.now_ms);
+                return Ok(token);
+            }
+        }
+    }
+
+    /// The whole visible feed of `user` and its token.
+    pub async fn full_feed(&self, user: &str) -> Result<(FeedView, u64)> {
+        let mut cursor = Vec::new();
+        let mut view = FeedView::default();
+        let mut token = None;
+        loop {
+            let p = match self
+                .query(Query::GetFeed(pb::GetFeed {
+                    user_id: user.into(),
+                    limit: 100,
+                    cursor: cursor.clone(),
+                }))
+                .await?
+            {
+                R::Feed(p) => p,
+                other => bail!("feed of {user}: {other:?}"),
+            };
+            token.get_or_insert(p.token);
+            view.apply(&p.entries)?;
+            view.normalize(p.now_ms);
+            if p.cursor.is_empty() {
+                return Ok((view, token.unwrap_or(0)));
+            }
+            cursor = p.cursor;
+        }
+    }
+
+    /// Applies feed deltas since `token`; a cold-start answer (token 0)
+    /// replaces the view with a full read.
+    pub async fn catch_up_feed(
+        &self,
+        user: &str,
+        view: &mut FeedView,
+        mut token: u64,
+    ) -> Result<u64> {
+        loop {
+            let p = match self
+                .query(Query::SyncFeed(pb::SyncFeed {
+                    user_id: user.into(),
+                    token,
+                    limit: 3,
+                }))
+                .await?
+            {
+                R::Feed(p) => p,
+                other => bail!("feed sync of {user}: {other:?}"),
+            };
+            if p.cold_start {
+                let (v, t) = self.full_feed(user).await?;
+                *view = v;
+                return Ok(t);
+            }
+            view.apply(&p.entries)?;
+            token = p.token;
+            if !p.has_more {
+                view.normalize(p.now_ms);
+                return Ok(token);
+            }
+        }
+    }
+}

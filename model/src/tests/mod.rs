@@ -4,17 +4,16 @@
 mod prop;
 mod unit;
 
-use std::collections::BTreeMap;
-
 use natter_kv::StateMachine;
 use prost::Message as _;
 
+pub(crate) use crate::client::{ConversationView as ConvState, FeedView as FeedState};
 use crate::pb::{self, command::Op, query::Q, response::R, ErrorCode};
+use crate::query_route_key;
 use crate::testkv::MemKv;
 use crate::{
     command, decode_response, outbox_ack, outbox_deliveries, query, route_key, shard_of, Model,
 };
-use crate::{messages::effective_expiry, query_route_key};
 
 /// A deterministic version-4 user id.
 pub(crate) fn uid(i: u32) -> String {
@@ -256,7 +255,7 @@ impl World {
         };
         assert!(s.cold_start);
         let mut state = ConvState::default();
-        state.apply(&s.changes);
+        state.apply(&s.changes).expect("apply conversation changes");
         let mut before = s.before_seq;
         while before != 0 {
             let page = want!(
@@ -295,7 +294,7 @@ impl World {
             };
             assert!(!s.cold_start, "unexpected cold start from token {token}");
             assert!(s.changes.len() <= limit.max(1) as usize || limit == 0);
-            state.apply(&s.changes);
+            state.apply(&s.changes).expect("apply conversation changes");
             assert!(s.token >= token);
             token = s.token;
             if !s.has_more {
@@ -354,10 +353,10 @@ impl World {
                 // Token 0 (an empty feed when read): start over from a full read.
                 assert_eq!(token, 0, "unexpected cold start");
                 let (entries, t) = self.full_feed(user, limit);
-                *feed = FeedState::from_entries(&entries, self.now);
+                *feed = FeedState::from_entries(&entries, self.now).expect("feed entries");
                 return t;
             }
-            feed.apply(&p.entries);
+            feed.apply(&p.entries).expect("feed entries");
             token = p.token;
             if !p.has_more {
                 break;
@@ -365,87 +364,6 @@ impl World {
         }
         feed.normalize(self.now);
         token
-    }
-}
-
-/// What a client holds for one conversation.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub(crate) struct ConvState {
-    pub(crate) meta: Option<pb::Conversation>,
-    pub(crate) messages: BTreeMap<u64, pb::Message>,
-}
-
-impl ConvState {
-    pub(crate) fn apply(&mut self, changes: &[pb::ConversationChange]) {
-        use pb::conversation_change::Change;
-        for c in changes {
-            match &c.change {
-                Some(Change::Conversation(m)) => self.meta = Some(m.clone()),
-                Some(Change::Message(m)) if m.deleted => {
-                    assert!(
-                        m.text.is_empty() && m.media.is_empty(),
-                        "tombstone with content"
-                    );
-                    self.messages.remove(&m.seq);
-                }
-                Some(Change::Message(m)) => {
-                    self.messages.insert(m.seq, m.clone());
-                }
-                None => panic!("empty change"),
-            }
-        }
-    }
-
-    /// The client rules of `ConversationSync`.
-    pub(crate) fn normalize(&mut self, now: u64) {
-        let (cleared, retention) = self
-            .meta
-            .as_ref()
-            .map_or((0, 0), |m| (m.my_cleared_through_seq, m.retention_ms));
-        self.messages.retain(|&seq, m| {
-            let at = effective_expiry(m.expires_at_ms, m.created_at_ms, retention);
-            seq > cleared && (at == 0 || at > now)
-        });
-    }
-}
-
-/// What a client holds of its feed.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub(crate) struct FeedState(pub(crate) BTreeMap<String, pb::FeedEntry>);
-
-impl FeedState {
-    pub(crate) fn from_entries(entries: &[pb::FeedEntry], now: u64) -> FeedState {
-        let mut f = FeedState::default();
-        f.apply(entries);
-        f.normalize(now);
-        f
-    }
-
-    pub(crate) fn apply(&mut self, entries: &[pb::FeedEntry]) {
-        for e in entries {
-            let c = e
-                .conversation
-                .as_ref()
-                .expect("feed entry without conversation");
-            if c.hidden || c.removed {
-                self.0.remove(&c.conversation_id);
-            } else {
-                self.0.insert(c.conversation_id.clone(), e.clone());
-            }
-        }
-    }
-
-    pub(crate) fn normalize(&mut self, now: u64) {
-        for e in self.0.values_mut() {
-            if let Some(c) = e.conversation.as_mut() {
-                if c.preview
-                    .as_ref()
-                    .is_some_and(|p| p.expires_at_ms != 0 && p.expires_at_ms <= now)
-                {
-                    c.preview = None;
-                }
-            }
-        }
     }
 }
 

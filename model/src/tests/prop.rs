@@ -157,7 +157,7 @@ fn snapshot(w: &World, user: &str, limit: u32) -> Snap {
     Snap {
         user: user.to_string(),
         convs,
-        feed: FeedState::from_entries(&entries, w.now),
+        feed: FeedState::from_entries(&entries, w.now).expect("feed entries"),
         feed_token,
     }
 }
@@ -403,7 +403,7 @@ fn check(w: &World, snap: &Snap, limit: u32) {
     }
     let (entries, token) = w.full_feed(&snap.user, 3);
     assert_feed_order(&entries);
-    let full = FeedState::from_entries(&entries, w.now);
+    let full = FeedState::from_entries(&entries, w.now).expect("feed entries");
     let mut client = snap.feed.clone();
     let delta_token = w.catch_up_feed(&snap.user, &mut client, snap.feed_token, limit);
     assert_eq!(client, full, "feed of {}", snap.user);

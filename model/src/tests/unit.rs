@@ -1117,6 +1117,110 @@ fn usernames_and_users() {
     );
 }
 
+#[test]
+fn sessions_expire_by_shard_time_and_revocation_is_final() {
+    let mut w = world();
+    let (a, b, _, _) = users();
+    let hash = vec![7u8; SESSION_TOKEN_HASH_BYTES];
+    let create = pb::CreateSession {
+        token_hash: hash.clone(),
+        user_id: a.clone(),
+        device: "laptop".into(),
+        ttl_ms: 1_000,
+    };
+    let get = |w: &World, h: &[u8]| {
+        w.ask(Q::GetSession(pb::GetSession {
+            token_hash: h.to_vec(),
+        }))
+    };
+    let s = want!(w.exec(Op::CreateSession(create.clone())), Session);
+    assert_eq!((s.created_at_ms, s.expires_at_ms), (w.now, w.now + 1_000));
+    // A retry answers the stored row; another user can't take the hash.
+    assert_eq!(want!(w.exec(Op::CreateSession(create.clone())), Session), s);
+    let r = w.exec(Op::CreateSession(pb::CreateSession {
+        user_id: b.clone(),
+        ..create.clone()
+    }));
+    assert_eq!(code(&r), ErrorCode::AlreadyExists);
+    assert_eq!(want!(get(&w, &hash), Session).user_id, a);
+    // Valid strictly before expires_at, by the query's time.
+    w.now += 999;
+    want!(get(&w, &hash), Session);
+    w.now += 1;
+    assert_eq!(code(&get(&w, &hash)), ErrorCode::NotFound);
+    // Housekeeping deletes the expired row and its index entry.
+    let shard = w.shard_for(&crate::session_route_key(&hash));
+    let next = want!(
+        w.ask_on(shard, Q::NextExpiry(pb::NextExpiry {})),
+        NextExpiry
+    );
+    assert_eq!(next.at_ms, w.now);
+    w.tick();
+    assert!(w.shards[shard]
+        .0
+        .keys()
+        .all(|k| k[0] != crate::keys::SESSION && k[0] != crate::keys::SESSION_EXPIRY));
+    let next = want!(
+        w.ask_on(shard, Q::NextExpiry(pb::NextExpiry {})),
+        NextExpiry
+    );
+    assert_eq!(next.at_ms, 0);
+
+    // Revocation: immediate, idempotent, and a late create can't revive it.
+    let other = vec![9u8; SESSION_TOKEN_HASH_BYTES];
+    let create = pb::CreateSession {
+        token_hash: other.clone(),
+        ..create
+    };
+    want!(w.exec(Op::CreateSession(create.clone())), Session);
+    let revoke = || {
+        Op::RevokeSession(pb::RevokeSession {
+            token_hash: other.clone(),
+        })
+    };
+    assert!(want!(w.exec(revoke()), Session).revoked);
+    assert!(want!(w.exec(revoke()), Session).revoked);
+    assert_eq!(code(&get(&w, &other)), ErrorCode::NotFound);
+    let r = w.exec(Op::CreateSession(create.clone()));
+    assert_eq!(code(&r), ErrorCode::FailedPrecondition);
+    let r = w.exec(Op::RevokeSession(pb::RevokeSession {
+        token_hash: vec![1; SESSION_TOKEN_HASH_BYTES],
+    }));
+    assert_eq!(code(&r), ErrorCode::NotFound);
+
+    // Bad input.
+    for bad in [
+        pb::CreateSession {
+            token_hash: vec![1; 31],
+            ..create.clone()
+        },
+        pb::CreateSession {
+            ttl_ms: 0,
+            ..create.clone()
+        },
+        pb::CreateSession {
+            ttl_ms: MAX_SESSION_TTL_MS + 1,
+            ..create.clone()
+        },
+        pb::CreateSession {
+            user_id: "Not-A-Uuid".into(),
+            ..create.clone()
+        },
+    ] {
+        assert_eq!(
+            code(&w.exec(Op::CreateSession(bad.clone()))),
+            ErrorCode::InvalidArgument,
+            "{bad:?}"
+        );
+    }
+    let r = w.exec(Op::CreateSession(pb::CreateSession {
+        device: "d".repeat(MAX_DEVICE_BYTES + 1),
+        ..create
+    }));
+    assert_eq!(code(&r), ErrorCode::LimitExceeded);
+    assert_eq!(code(&get(&w, b"short")), ErrorCode::InvalidArgument);
+}
+
 // ---------------------------------------------------------------------------
 // Limits and malformed input
 // ---------------------------------------------------------------------------
