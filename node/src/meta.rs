@@ -229,11 +229,8 @@ mod tests {
         )
         .error
         .contains("unknown node"));
-        assert_eq!(
-            Meta.apply(&mut kv, b"\xff\xff garbage")
-                .map(|r| MetaResponse::decode(r.as_slice()).unwrap().error.is_empty())
-                .unwrap(),
-            false
-        );
+        let garbage = Meta.apply(&mut kv, b"\xff\xff garbage").unwrap();
+        let garbage = MetaResponse::decode(garbage.as_slice()).unwrap();
+        assert!(garbage.error.contains("undecodable"), "{garbage:?}");
     }
 }

@@ -188,10 +188,8 @@ fn merge<'o>(
             }
         };
         if take_over {
-            if let Some((k, v)) = over.next() {
-                if let Some(v) = v {
-                    out.push((k.clone(), v.clone()));
-                }
+            if let Some((k, Some(v))) = over.next() {
+                out.push((k.clone(), v.clone()));
             }
         } else if let Some(item) = base.next() {
             out.push(item?);

@@ -92,8 +92,7 @@ impl LogStore {
             db::cf(db, CF_LOG)?,
             IteratorMode::From(&from, Direction::Forward),
         );
-        let mut expect = start;
-        for item in it {
+        for (expect, item) in (start..).zip(it) {
             let (k, v) = item.map_err(StoreError::rocks)?;
             if !k.starts_with(&db::group_prefix(self.group)) {
                 break;
@@ -116,7 +115,6 @@ impl LogStore {
                 )));
             }
             out.push(entry);
-            expect += 1;
         }
         Ok(out)
     }

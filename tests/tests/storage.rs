@@ -397,7 +397,7 @@ async fn damaged_data_dir_is_refused_with_an_error_naming_the_problem() {
     let name = f.file_name().unwrap().to_string_lossy().to_string();
     assert!(
         log.contains("refuses to start")
-            && log.contains(&name.trim_end_matches(".sst").trim_start_matches('0')),
+            && log.contains(name.trim_end_matches(".sst").trim_start_matches('0')),
         "log should name {name}:\n{log}"
     );
 
