@@ -20,9 +20,15 @@ use serde::Serialize;
 #[derive(Parser)]
 #[command(about = "Natter benchmarks")]
 struct Args {
-    /// Which benchmark: "storage".
+    /// Which benchmark: "storage" or "sync".
     #[arg(default_value = "storage")]
     which: String,
+    /// sync: messages of history in the large conversation.
+    #[arg(long, default_value_t = 1_000_000)]
+    history: u64,
+    /// sync: reads timed per row.
+    #[arg(long, default_value_t = 300)]
+    reads: usize,
     /// Seconds per row.
     #[arg(long, default_value_t = 10.0)]
     secs: f64,
@@ -32,6 +38,11 @@ struct Args {
     /// Seconds to sample idle CPU.
     #[arg(long, default_value_t = 10.0)]
     idle_secs: f64,
+    /// "send": real sends (with feed fan-out). "raft": a command that is
+    /// replicated, fsynced and applied but changes nothing (a send to a
+    /// conversation that does not exist): the bare cost of a Raft round.
+    #[arg(long, default_value = "send")]
+    op: String,
     /// Where to write the JSON results.
     #[arg(long, default_value = "bench/results/storage.json")]
     out: String,
@@ -91,7 +102,7 @@ fn rss_kib(pid: u32) -> Result<u64> {
     bail!("no VmRSS for {pid}")
 }
 
-async fn run_row(n: &Natter, convs: &[String], writers: usize, secs: f64) -> Row {
+async fn run_row(n: &Natter, convs: &[String], writers: usize, secs: f64, bare: bool) -> Row {
     let deadline = Instant::now() + Duration::from_secs_f64(secs);
     let text = "x".repeat(200);
     let tasks: Vec<_> = (0..writers)
@@ -101,13 +112,22 @@ async fn run_row(n: &Natter, convs: &[String], writers: usize, secs: f64) -> Row
                 let mut lat = Vec::new();
                 let mut errors = 0u64;
                 let run = uuid();
+                let missing = uuid();
                 let mut i = 0u64;
                 while Instant::now() < deadline {
-                    let op = Natter::send_op(&conv, ALICE, &format!("{}-{i}", &run[..8]), &text);
+                    let target = if bare { &missing } else { &conv };
+                    let op = Natter::send_op(target, ALICE, &format!("{}-{i}", &run[..8]), &text);
                     let t = Instant::now();
                     let (_, out) = n.exec_once(op).await;
+                    let expected = |r: &R| {
+                        if bare {
+                            matches!(r, R::Error(_))
+                        } else {
+                            matches!(r, R::Sent(_))
+                        }
+                    };
                     match out {
-                        Outcome::Ok(raw) if matches!(decode(&raw), Ok(R::Sent(_))) => {
+                        Outcome::Ok(raw) if decode(&raw).is_ok_and(|r| expected(&r)) => {
                             lat.push(t.elapsed().as_micros() as u64)
                         }
                         _ => errors += 1,
@@ -189,10 +209,10 @@ async fn storage(args: &Args) -> Result<()> {
             convs.push(n.create_group_on(1 + i % c.shards, ALICE, &[]).await?);
         }
         // Warm-up.
-        run_row(&n, &convs, 16, 1.0).await;
+        run_row(&n, &convs, 16, 1.0, args.op == "raft").await;
         for &w in &writer_counts {
             let fsyncs_before = total_fsyncs(&c).await;
-            let mut row = run_row(&n, &convs, w, args.secs).await;
+            let mut row = run_row(&n, &convs, w, args.secs, args.op == "raft").await;
             let fsyncs = total_fsyncs(&c).await.saturating_sub(fsyncs_before);
             row.fsyncs_per_write = Some(fsyncs as f64 / row.ops.max(1) as f64);
             row.mode = mode.to_string();
@@ -246,11 +266,163 @@ async fn storage(args: &Args) -> Result<()> {
     Ok(())
 }
 
+/// Fills `conv` with `count` messages using many concurrent writers.
+async fn fill(n: &Natter, conv: &str, count: u64) -> Result<()> {
+    let writers = 256u64.min(count.max(1));
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..writers)
+        .map(|w| {
+            let (n, conv) = (n.clone(), conv.to_string());
+            tokio::spawn(async move {
+                let text = "y".repeat(200);
+                let mut i = w;
+                while i < count {
+                    n.send(&conv, ALICE, &format!("fill-{i}"), &text).await?;
+                    i += writers;
+                }
+                anyhow::Ok(())
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await??;
+    }
+    eprintln!(
+        "filled {conv} with {count} messages in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// p50/p99 of `reads` runs of `query` in µs.
+async fn time_query(
+    n: &Natter,
+    reads: usize,
+    q: natter_model::pb::query::Q,
+) -> Result<(u64, u64, usize)> {
+    let mut lat = Vec::with_capacity(reads);
+    let mut returned = 0;
+    for _ in 0..reads {
+        let t = Instant::now();
+        let r = n.query(q.clone()).await?;
+        lat.push(t.elapsed().as_micros() as u64);
+        returned = match r {
+            R::ConversationSync(s) => s
+                .changes
+                .iter()
+                .filter(|c| {
+                    matches!(
+                        c.change,
+                        Some(natter_model::pb::conversation_change::Change::Message(_))
+                    )
+                })
+                .count(),
+            other => bail!("unexpected answer {other:?}"),
+        };
+    }
+    lat.sort_unstable();
+    Ok((percentile(&lat, 0.5), percentile(&lat, 0.99), returned))
+}
+
+fn dir_bytes(dir: &std::path::Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .filter_map(|e| e.metadata().ok())
+                .filter(|m| m.is_file())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+async fn sync(args: &Args) -> Result<()> {
+    use natter_model::pb;
+    let c = Cluster::start(ClusterOpts {
+        nodes: 3,
+        shards: 8,
+        node_args: vec![],
+    })
+    .await?;
+    let n = Natter::new(ShardClient::new(c.addrs()), c.shards);
+    let mut table = Vec::new();
+    for (label, size) in [("small", 100u64), ("large", args.history)] {
+        let conv = n
+            .create_group_on(1 + (table.len() as u32 % c.shards), ALICE, &[])
+            .await?;
+        fill(&n, &conv, size).await?;
+        let sync_q = |token| {
+            pb::query::Q::SyncConversation(pb::SyncConversation {
+                viewer_id: ALICE.into(),
+                conversation_id: conv.clone(),
+                token,
+                limit: 50,
+            })
+        };
+        let token = match n.query(sync_q(0)).await? {
+            R::ConversationSync(s) => s.token,
+            other => bail!("{other:?}"),
+        };
+        for i in 0..10 {
+            n.send(&conv, ALICE, &format!("new-{i}"), "a new message")
+                .await?;
+        }
+        let (d50, d99, dn) = time_query(&n, args.reads, sync_q(token)).await?;
+        let (c50, c99, cn) = time_query(&n, args.reads, sync_q(0)).await?;
+        if dn != 10 {
+            bail!("delta sync returned {dn} messages, expected the 10 new ones");
+        }
+        table.push(serde_json::json!({
+            "conversation": label, "messages": size,
+            "delta_10_p50_us": d50, "delta_10_p99_us": d99,
+            "cold_start_page_p50_us": c50, "cold_start_page_p99_us": c99, "cold_start_page_changes": cn,
+        }));
+    }
+    let disk: u64 = c.nodes.values().map(|node| dir_bytes(&node.data_dir)).sum();
+    let rss: u64 = c
+        .nodes
+        .values()
+        .filter_map(|node| node.pid())
+        .map(|p| rss_kib(p).unwrap_or(0))
+        .sum();
+    println!("| conversation | messages | delta sync of 10 new: p50 µs | p99 µs | cold-start first page (50): p50 µs | p99 µs |");
+    println!("|---|---|---|---|---|---|");
+    for r in &table {
+        println!(
+            "| {} | {} | {} | {} | {} | {} |",
+            r["conversation"].as_str().unwrap_or(""),
+            r["messages"],
+            r["delta_10_p50_us"],
+            r["delta_10_p99_us"],
+            r["cold_start_page_p50_us"],
+            r["cold_start_page_p99_us"]
+        );
+    }
+    let total_msgs = 100 + args.history + 20;
+    println!(
+        "disk (3 nodes, top-level files): {:.1} MiB; per million messages per node: {:.0} MiB; node RSS avg {:.0} MiB",
+        disk as f64 / 1048576.0,
+        disk as f64 / 3.0 / 1048576.0 / (total_msgs as f64 / 1e6),
+        rss as f64 / 3.0 / 1024.0
+    );
+    if let Some(dir) = std::path::Path::new(&args.out).parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let out = args.out.replace("storage.json", "sync.json");
+    std::fs::write(
+        &out,
+        serde_json::to_string_pretty(&serde_json::json!({ "rows": table, "disk_bytes": disk }))?,
+    )?;
+    eprintln!("results written to {out}");
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> Result<()> {
     let args = Args::parse();
     match args.which.as_str() {
         "storage" => storage(&args).await,
+        "sync" => sync(&args).await,
         other => bail!("unknown benchmark {other:?}"),
     }
 }

@@ -1,17 +1,19 @@
 //! Leader-side loops, one per data shard this node hosts. While this node
 //! leads the shard, its loop:
 //! - drains the shard's durable outbox: pending feed and friend-index updates
-//!   are proposed to their target users' shards, then acknowledged back
-//!   (`AckOutbox`; an ack deletes a row only if no newer update replaced it).
-//!   A target shard that is down just means the rows stay and are retried;
+//!   are proposed at once to their target users' shards (feeds are what users
+//!   see), and acknowledged back (`AckOutbox`) in batches: an ack only
+//!   garbage-collects rows, and a redelivery is harmless (updates are
+//!   idempotent by version), so acks need not cost a Raft round per message.
+//!   A target shard that is down just means its rows stay and are retried;
 //! - proposes `Tick` when the model says a message expiry is due, so expiry
 //!   happens on every replica from a leader-stamped time.
 //!
-//! A loop wakes when its shard applies something new, or every second.
+//! A loop wakes when its shard applies something new, or when acks are due.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Result};
 use natter_model::pb;
@@ -25,8 +27,14 @@ use crate::events::Events;
 use crate::remote::Remote;
 use crate::META_GROUP;
 
-/// Outbox rows handled per round.
+/// Outbox rows read per query.
 const OUTBOX_BATCH: u32 = 256;
+/// Acks wait at most this long...
+const ACK_DELAY: Duration = Duration::from_millis(200);
+/// ...or until this many are pending.
+const ACK_BATCH: usize = 512;
+/// Longest sleep when nothing happens.
+const IDLE_WAKE: Duration = Duration::from_secs(1);
 
 pub fn spawn(
     host: Arc<RaftHost>,
@@ -38,20 +46,35 @@ pub fn spawn(
         .into_iter()
         .filter(|g| *g != META_GROUP)
         .map(|shard| {
-            let (host, remote, mut stop) = (host.clone(), remote.clone(), stop.clone());
+            let mut w = ShardWorker {
+                host: host.clone(),
+                remote: remote.clone(),
+                shard,
+                delivered: HashMap::new(),
+                acks: Vec::new(),
+                acks_since: None,
+            };
+            let mut stop = stop.clone();
             tokio::spawn(async move {
                 loop {
                     if *stop.borrow() {
                         return;
                     }
-                    if host.is_leader(shard) {
-                        if let Err(e) = leader_round(&host, &remote, shard).await {
-                            tracing::debug!(shard, "leader round: {e:#}");
+                    if w.host.is_leader(w.shard) {
+                        if let Err(e) = w.round().await {
+                            tracing::debug!(shard = w.shard, "leader round: {e:#}");
                             tokio::time::sleep(Duration::from_millis(200)).await;
                         }
+                    } else {
+                        // Whoever leads now redelivers what was not acked.
+                        w.forget();
                     }
+                    let wake = w
+                        .acks_since
+                        .map(|t| ACK_DELAY.saturating_sub(t.elapsed()))
+                        .unwrap_or(IDLE_WAKE);
                     tokio::select! {
-                        _ = host.wait_applied_change(shard, Duration::from_secs(1)) => {}
+                        _ = w.host.wait_applied_change(w.shard, wake) => {}
                         _ = stop.changed() => {}
                     }
                 }
@@ -60,22 +83,23 @@ pub fn spawn(
         .collect()
 }
 
+/// (kind, source id, user id): an outbox row's identity.
+type RowKey = (i32, String, String);
+
+struct ShardWorker {
+    host: Arc<RaftHost>,
+    remote: Arc<Remote>,
+    shard: u32,
+    /// Rows delivered and not yet acked, with the version delivered.
+    delivered: HashMap<RowKey, u64>,
+    acks: Vec<pb::OutboxAck>,
+    acks_since: Option<Instant>,
+}
+
 fn decode_response(raw: &[u8]) -> Result<pb::response::R> {
     pb::Response::decode(raw)?
         .r
         .ok_or_else(|| anyhow!("empty response"))
-}
-
-async fn query(host: &RaftHost, shard: u32, q: pb::query::Q) -> Result<pb::response::R> {
-    let raw = pb::Query {
-        now_ms: 0,
-        q: Some(q),
-    }
-    .encode_to_vec();
-    let (out, _) = host
-        .read(shard, &stamp_query(&raw, now_ms())?, Consistency::Stale)
-        .await?;
-    decode_response(&out)
 }
 
 fn command(op: pb::command::Op) -> Vec<u8> {
@@ -86,44 +110,109 @@ fn command(op: pb::command::Op) -> Vec<u8> {
     .encode_to_vec()
 }
 
-async fn leader_round(host: &RaftHost, remote: &Remote, shard: u32) -> Result<()> {
-    drain_outbox(host, remote, shard).await?;
-    if let pb::response::R::NextExpiry(n) =
-        query(host, shard, pb::query::Q::NextExpiry(pb::NextExpiry {})).await?
-    {
-        if n.at_ms != 0 && n.at_ms <= now_ms() {
-            remote
-                .propose(shard, &command(pb::command::Op::Tick(pb::Tick {})))
-                .await?;
-        }
+impl ShardWorker {
+    fn forget(&mut self) {
+        self.delivered.clear();
+        self.acks.clear();
+        self.acks_since = None;
     }
-    Ok(())
-}
 
-async fn drain_outbox(host: &RaftHost, remote: &Remote, shard: u32) -> Result<()> {
-    let mut after = Vec::new();
-    loop {
-        let batch = match query(
-            host,
-            shard,
-            pb::query::Q::PendingOutbox(pb::PendingOutbox {
-                limit: OUTBOX_BATCH,
-                after: after.clone(),
-            }),
-        )
-        .await?
+    async fn query(&self, q: pb::query::Q) -> Result<pb::response::R> {
+        let raw = pb::Query {
+            now_ms: 0,
+            q: Some(q),
+        }
+        .encode_to_vec();
+        let (out, _) = self
+            .host
+            .read(
+                self.shard,
+                &stamp_query(&raw, now_ms())?,
+                Consistency::Stale,
+            )
+            .await?;
+        decode_response(&out)
+    }
+
+    async fn round(&mut self) -> Result<()> {
+        self.deliver().await?;
+        if self.acks.len() >= ACK_BATCH || self.acks_since.is_some_and(|t| t.elapsed() >= ACK_DELAY)
         {
-            pb::response::R::Outbox(b) => b,
-            other => return Err(anyhow!("unexpected outbox answer {other:?}")),
-        };
-        if batch.entries.is_empty() {
+            self.flush_acks().await?;
+        }
+        if let pb::response::R::NextExpiry(n) = self
+            .query(pb::query::Q::NextExpiry(pb::NextExpiry {}))
+            .await?
+        {
+            if n.at_ms != 0 && n.at_ms <= now_ms() {
+                self.remote
+                    .propose(self.shard, &command(pb::command::Op::Tick(pb::Tick {})))
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn flush_acks(&mut self) -> Result<()> {
+        let entries = std::mem::take(&mut self.acks);
+        self.acks_since = None;
+        if entries.is_empty() {
             return Ok(());
         }
-        let shard_count = remote.shard_map().await?.shard_count;
-        // Group by target shard: one ApplyFeedUpdates per shard.
-        let mut per_target: BTreeMap<u32, (pb::ApplyFeedUpdates, Vec<pb::OutboxAck>)> =
+        for a in &entries {
+            self.delivered
+                .remove(&(a.kind, a.source_id.clone(), a.user_id.clone()));
+        }
+        self.remote
+            .propose(
+                self.shard,
+                &command(pb::command::Op::AckOutbox(pb::AckOutbox { entries })),
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Proposes every pending update not yet delivered at its version.
+    async fn deliver(&mut self) -> Result<()> {
+        let mut after = Vec::new();
+        let mut shard_count = None;
+        loop {
+            let q = pb::query::Q::PendingOutbox(pb::PendingOutbox {
+                limit: OUTBOX_BATCH,
+                after: after.clone(),
+            });
+            let batch = match self.query(q).await? {
+                pb::response::R::Outbox(b) => b,
+                other => return Err(anyhow!("unexpected outbox answer {other:?}")),
+            };
+            let fresh: Vec<&pb::OutboxEntry> = batch
+                .entries
+                .iter()
+                .filter(|e| {
+                    self.delivered
+                        .get(&(e.kind, e.source_id.clone(), e.user_id.clone()))
+                        != Some(&e.version)
+                })
+                .collect();
+            if !fresh.is_empty() {
+                let count = match shard_count {
+                    Some(c) => c,
+                    None => *shard_count.insert(self.remote.shard_map().await?.shard_count),
+                };
+                self.deliver_batch(&fresh, count).await;
+            }
+            if !batch.has_more {
+                return Ok(());
+            }
+            after = batch.next_after;
+        }
+    }
+
+    async fn deliver_batch(&mut self, entries: &[&pb::OutboxEntry], shard_count: u32) {
+        // One ApplyFeedUpdates per target shard.
+        let mut per_target: BTreeMap<u32, (pb::ApplyFeedUpdates, Vec<&pb::OutboxEntry>)> =
             BTreeMap::new();
-        for e in &batch.entries {
+        for e in entries {
             let target =
                 natter_model::shard_of(&natter_model::outbox_target_route_key(e), shard_count);
             let slot = per_target.entry(target).or_default();
@@ -132,38 +221,39 @@ async fn drain_outbox(host: &RaftHost, remote: &Remote, shard: u32) -> Result<()
                 Some(pb::outbox_entry::Payload::Friend(f)) => slot.0.friend_updates.push(f.clone()),
                 None => {}
             }
-            slot.1.push(pb::OutboxAck {
-                kind: e.kind,
-                source_id: e.source_id.clone(),
-                user_id: e.user_id.clone(),
-                version: e.version,
-            });
+            slot.1.push(e);
         }
-        let mut acks = Vec::new();
-        for (target, (updates, these_acks)) in per_target {
-            match remote
+        for (target, (updates, rows)) in per_target {
+            let res = self
+                .remote
                 .propose(target, &command(pb::command::Op::ApplyFeedUpdates(updates)))
-                .await
-            {
-                Ok(raw) => match decode_response(&raw)? {
-                    pb::response::R::FeedApplied(_) => acks.extend(these_acks),
-                    other => tracing::warn!(shard, target, "feed shard refused updates: {other:?}"),
-                },
-                // Retried on a later round; rows stay in the outbox.
-                Err(e) => tracing::debug!(shard, target, "fan-out to shard {target} failed: {e:#}"),
+                .await;
+            match res.and_then(|raw| decode_response(&raw)) {
+                Ok(pb::response::R::FeedApplied(_)) => {
+                    for e in rows {
+                        self.delivered
+                            .insert((e.kind, e.source_id.clone(), e.user_id.clone()), e.version);
+                        self.acks.push(pb::OutboxAck {
+                            kind: e.kind,
+                            source_id: e.source_id.clone(),
+                            user_id: e.user_id.clone(),
+                            version: e.version,
+                        });
+                    }
+                    self.acks_since.get_or_insert_with(Instant::now);
+                }
+                Ok(other) => tracing::warn!(
+                    shard = self.shard,
+                    target,
+                    "feed shard refused updates: {other:?}"
+                ),
+                // Retried on a later round; the rows stay in the outbox.
+                Err(e) => tracing::debug!(
+                    shard = self.shard,
+                    target,
+                    "fan-out to shard {target} failed: {e:#}"
+                ),
             }
         }
-        if !acks.is_empty() {
-            remote
-                .propose(
-                    shard,
-                    &command(pb::command::Op::AckOutbox(pb::AckOutbox { entries: acks })),
-                )
-                .await?;
-        }
-        if !batch.has_more {
-            return Ok(());
-        }
-        after = batch.next_after;
     }
 }
