@@ -40,7 +40,9 @@ pub struct Flags {
     /// Replicas per shard.
     #[arg(long, env = "NATTER_REPLICAS")]
     pub replicas: Option<usize>,
-    /// "group-commit" (default) or "per-write" (one fsync per append; benchmarks only).
+    /// "group-commit" (default), "per-write" (one fsync per append; benchmarks
+    /// only) or "unsafe-no-wal" (loses acknowledged writes on a crash: a
+    /// negative control for tests, never for real use).
     #[arg(long, env = "NATTER_SYNC_MODE")]
     pub sync_mode: Option<String>,
     /// Snapshot every this many log entries.
@@ -165,6 +167,9 @@ impl Config {
         let sync_mode = match flags.sync_mode.or(file.sync_mode).as_deref() {
             None | Some("group-commit") => SyncMode::GroupCommit,
             Some("per-write") => SyncMode::PerWrite,
+            // Negative control for the fault-injection suite: acknowledges
+            // writes that are not durable. Loudly named on purpose.
+            Some("unsafe-no-wal") => SyncMode::UnsafeNoWal,
             Some(other) => bail!("unknown sync mode {other:?} (group-commit or per-write)"),
         };
         let mut timings = file.raft.unwrap_or_default();

@@ -81,6 +81,9 @@ pub async fn run(cfg: config::Config) -> Result<()> {
         })
     };
 
+    if cfg.sync_mode == natter_raft_store::SyncMode::UnsafeNoWal {
+        tracing::warn!("UNSAFE: --sync-mode unsafe-no-wal acknowledges writes that a crash loses (negative control only)");
+    }
     bootstrap::start_groups(&host, &cfg).await?;
     let workers = workers::spawn(host.clone(), events, stop_rx.clone());
     tracing::info!(node = cfg.node_id, listen = %cfg.listen, groups = ?host.hosted(), "node ready");

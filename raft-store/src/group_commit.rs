@@ -29,6 +29,11 @@ pub enum SyncMode {
     GroupCommit,
     /// One fsync per append, serialised. For benchmarks only.
     PerWrite,
+    /// NEGATIVE CONTROL, never for real use: writes skip RocksDB's WAL and
+    /// nothing is fsynced, so appends are acknowledged while they exist only
+    /// in memory. A kill -9 then loses acknowledged writes; the
+    /// fault-injection suite uses it to prove its checkers can fail.
+    UnsafeNoWal,
 }
 
 type Done = Box<dyn FnOnce(io::Result<()>) + Send>;

@@ -40,6 +40,21 @@ pub(crate) struct Shared {
     pub(crate) per_write_lock: std::sync::Mutex<()>,
 }
 
+impl Shared {
+    /// Write options for every write of this node: `sync` asks for an fsync
+    /// before returning (ignored, like the WAL itself, in the unsafe
+    /// negative-control mode).
+    pub(crate) fn write_opts(&self, sync: bool) -> rocksdb::WriteOptions {
+        let mut w = rocksdb::WriteOptions::default();
+        if self.sync_mode == SyncMode::UnsafeNoWal {
+            w.disable_wal(true);
+        } else {
+            w.set_sync(sync);
+        }
+        w
+    }
+}
+
 /// Failures of the storage layer itself.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {

@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
 use openraft::{OptionalSend, RaftLogReader};
-use rocksdb::{Direction, IteratorMode, WriteBatch, WriteOptions};
+use rocksdb::{Direction, IteratorMode, WriteBatch};
 
 use crate::db::{self, CF_LOG, CF_META, TAG_COMMITTED, TAG_PURGED, TAG_VOTE};
 use crate::group_commit::SyncMode;
@@ -50,8 +50,7 @@ impl LogStore {
 
     fn put_meta<T: serde::Serialize>(&self, tag: u8, v: &T, sync: bool) -> Result<(), StoreError> {
         let db = &self.shared.db;
-        let mut w = WriteOptions::default();
-        w.set_sync(sync);
+        let w = self.shared.write_opts(sync);
         db.put_cf_opt(
             db::cf(db, CF_META)?,
             db::meta_key(self.group, tag),
@@ -229,19 +228,23 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         }
         match self.shared.sync_mode {
             SyncMode::GroupCommit => {
-                db.write_opt(batch, &WriteOptions::default())
+                db.write_opt(batch, &self.shared.write_opts(false))
                     .map_err(|e| StoreError::rocks(e).into_raft_write())?;
                 self.shared
                     .syncer
                     .after_sync(Box::new(move |res| callback.log_io_completed(res)));
+            }
+            SyncMode::UnsafeNoWal => {
+                db.write_opt(batch, &self.shared.write_opts(false))
+                    .map_err(|e| StoreError::rocks(e).into_raft_write())?;
+                callback.log_io_completed(Ok(()));
             }
             SyncMode::PerWrite => {
                 let shared = self.shared.clone();
                 let res = tokio::task::spawn_blocking(move || {
                     use std::sync::atomic::Ordering::Relaxed;
                     let _one_at_a_time = shared.per_write_lock.lock();
-                    let mut w = WriteOptions::default();
-                    w.set_sync(true);
+                    let w = shared.write_opts(true);
                     let r = shared.db.write_opt(batch, &w);
                     shared.syncer.stats.fsyncs.fetch_add(1, Relaxed);
                     shared.syncer.stats.appends.fetch_add(1, Relaxed);
@@ -268,7 +271,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             &db::log_key(self.group, log_id.index)[..],
             &db::group_end(self.group)[..],
         );
-        db.write_opt(batch, &WriteOptions::default())
+        db.write_opt(batch, &self.shared.write_opts(false))
             .map_err(|e| StoreError::rocks(e).into_raft_write())
     }
 
@@ -286,7 +289,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                 db::log_key(self.group, 0),
                 db::log_key(self.group, log_id.index.saturating_add(1)),
             );
-            db.write_opt(batch, &WriteOptions::default())
+            db.write_opt(batch, &self.shared.write_opts(false))
                 .map_err(StoreError::rocks)
         };
         run().map_err(|e| e.into_raft_write())

@@ -18,7 +18,7 @@ use std::sync::Arc;
 use natter_kv::StateMachine;
 use openraft::storage::{RaftStateMachine, Snapshot};
 use openraft::{EntryPayload, OptionalSend, RaftSnapshotBuilder};
-use rocksdb::{IteratorMode, ReadOptions, WriteBatch, WriteOptions};
+use rocksdb::{IteratorMode, ReadOptions, WriteBatch};
 use serde::{Deserialize, Serialize};
 
 use crate::db::{self, CF_META, CF_SM, TAG_APPLIED, TAG_MEMBERSHIP};
@@ -128,7 +128,7 @@ impl SmStore {
                 db::encode(&m)?,
             );
         }
-        db.write_opt(batch, &WriteOptions::default())
+        db.write_opt(batch, &self.shared.write_opts(false))
             .map_err(StoreError::rocks)?;
         Ok(replies)
     }
@@ -211,8 +211,7 @@ impl SmStore {
             db::meta_key(self.group, TAG_MEMBERSHIP),
             db::encode(&body.membership)?,
         );
-        let mut w = WriteOptions::default();
-        w.set_sync(true);
+        let w = self.shared.write_opts(true);
         db.write_opt(batch, &w).map_err(StoreError::rocks)
     }
 }

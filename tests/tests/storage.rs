@@ -74,6 +74,42 @@ async fn acknowledged_writes_survive_kill9_of_every_node_and_restart_of_any_two(
     }
 }
 
+/// The negative control of the test above: a node that acknowledges writes
+/// before they are durable (no WAL) loses them to the same crash, and the
+/// same check sees it. Proof that the durability test can fail.
+#[tokio::test]
+async fn negative_control_acks_without_wal_are_lost_by_the_same_crash() {
+    let mut opts = ClusterOpts::default();
+    opts.node_args
+        .extend(["--sync-mode".into(), "unsafe-no-wal".into()]);
+    let mut c = Cluster::start(opts).await.unwrap();
+    let n = natter(&c).await;
+    let conv = n.create_group_on(1, ALICE, &[]).await.unwrap();
+    n.send(&conv, ALICE, &uuid(), "acknowledged, never durable")
+        .await
+        .unwrap();
+    for id in c.ids() {
+        c.kill9(id);
+    }
+    for id in c.ids() {
+        c.spawn(id).unwrap();
+    }
+    // Everything lived in memtables: the nodes come back empty (or refuse
+    // to start); either way the acknowledged message is gone.
+    let ready = c.wait_ready(Duration::from_secs(20)).await;
+    let lost = match ready {
+        Err(_) => true,
+        Ok(()) => {
+            let n = Natter::new(ShardClient::new(c.addrs()), c.shards);
+            !matches!(n.history(&conv, ALICE).await, Ok(m) if m.iter().any(|m| m.text == "acknowledged, never durable"))
+        }
+    };
+    assert!(
+        lost,
+        "without a WAL the crash should have lost the acknowledged write"
+    );
+}
+
 /// Writers append uniquely numbered messages to one conversation per shard
 /// and record what was acknowledged.
 struct Load {
