@@ -196,16 +196,39 @@ impl Node for NodeApi {
         &self,
         request: Request<TransferLeaderRequest>,
     ) -> Result<Response<TransferLeaderReply>, Status> {
+        let req = request.into_inner();
+        let unknown = |e: Error| match e {
+            Error::UnknownGroup(g) => {
+                Status::not_found(format!("shard {g} is not hosted on this node"))
+            }
+            other => Status::unavailable(other.to_string()),
+        };
+        let me = self.host.node_id();
+        if req.to == me || req.to == 0 {
+            self.host.campaign(req.shard).await.map_err(unknown)?;
+            return Ok(Response::new(TransferLeaderReply {}));
+        }
+        if !self.host.is_leader(req.shard) {
+            return Err(Status::failed_precondition(format!(
+                "node {me} does not lead shard {}; send the transfer to its leader",
+                req.shard
+            )));
+        }
+        let addr = self.host.member_addr(req.shard, req.to).ok_or_else(|| {
+            Status::invalid_argument(format!(
+                "node {} is not a member of shard {}",
+                req.to, req.shard
+            ))
+        })?;
         self.host
-            .campaign(request.into_inner().shard)
-            .await
-            .map_err(|e| match e {
-                Error::UnknownGroup(g) => {
-                    Status::not_found(format!("shard {g} is not hosted on this node"))
-                }
-                other => Status::unavailable(other.to_string()),
-            })?;
-        Ok(Response::new(TransferLeaderReply {}))
+            .set_handing_off(req.shard, Some((req.to, addr.clone())))
+            .map_err(unknown)?;
+        let outcome = hand_off(&self.host, req.shard, req.to, &addr).await;
+        // Whatever happened, this node takes part in elections again.
+        self.host
+            .set_handing_off(req.shard, None)
+            .map_err(unknown)?;
+        outcome.map(|_| Response::new(TransferLeaderReply {}))
     }
 
     async fn shard_map(
@@ -230,4 +253,28 @@ impl Node for NodeApi {
             }
         }
     }
+}
+
+/// Asks `to` to campaign until it leads `shard` (this node's lease must run
+/// out first), for at most a few election timeouts.
+async fn hand_off(host: &RaftHost, shard: u32, to: u64, addr: &str) -> Result<(), Status> {
+    let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .map_err(|e| Status::invalid_argument(e.to_string()))?
+        .connect_timeout(std::time::Duration::from_secs(1))
+        .timeout(std::time::Duration::from_secs(2))
+        .connect_lazy();
+    let mut target = natter_proto::cluster::node_client::NodeClient::new(ch);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    while std::time::Instant::now() < deadline {
+        if host.leader(shard).map(|(id, _)| id) == Some(to) {
+            return Ok(());
+        }
+        let _ = target
+            .transfer_leader(TransferLeaderRequest { shard, to })
+            .await;
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
+    Err(Status::deadline_exceeded(format!(
+        "node {to} did not take over shard {shard}"
+    )))
 }

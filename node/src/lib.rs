@@ -91,8 +91,10 @@ pub async fn run(cfg: config::Config) -> Result<()> {
     shutdown_signal().await;
     tracing::info!("shutting down");
     let _ = stop_tx.send(true);
+    // Workers keep no state that needs a clean exit (the outbox is durable);
+    // one may be waiting on a peer that is already gone.
     for w in workers {
-        let _ = w.await;
+        w.abort();
     }
     host.shutdown().await;
     // Open client connections (routers keep theirs) would hold a graceful

@@ -104,6 +104,8 @@ pub struct GroupStatus {
 struct Group {
     raft: Raft,
     sm: SmStore,
+    /// Set while leadership is being handed to this (id, address).
+    handing_off: Arc<std::sync::Mutex<Option<(NodeId, String)>>>,
 }
 
 /// Every Raft group hosted on this node, over one RocksDB.
@@ -219,7 +221,11 @@ impl RaftHost {
             .write()
             .map_err(|_| Error::Poisoned)?
             .entry(group)
-            .or_insert(Group { raft, sm });
+            .or_insert(Group {
+                raft,
+                sm,
+                handing_off: Default::default(),
+            });
         Ok(())
     }
 
@@ -270,6 +276,12 @@ impl RaftHost {
     /// the state machine's response.
     pub async fn propose(&self, group: u32, command: Vec<u8>) -> Result<Proposed, Error> {
         let g = self.group(group)?;
+        if let Some(to) = g.handing_off.lock().map_err(|_| Error::Poisoned)?.clone() {
+            return Err(Error::NotLeader {
+                group,
+                leader: Some(to),
+            });
+        }
         match g.raft.client_write(Command(command)).await {
             Ok(r) => Ok(Proposed {
                 response: r.data.0,
@@ -369,6 +381,27 @@ impl RaftHost {
             .elect()
             .await
             .map_err(|e| Error::Raft(e.to_string()))
+    }
+
+    /// Starts (Some) or ends (None) handing this leader's leadership of
+    /// `group` to another node. While it lasts, proposals are refused with
+    /// NotLeader naming the target, and heartbeats and this node's own
+    /// elections stop, so its leader lease (which otherwise makes every peer
+    /// reject a campaign) runs out and the target's campaign can win.
+    pub fn set_handing_off(&self, group: u32, to: Option<(NodeId, String)>) -> Result<(), Error> {
+        let g = self.group(group)?;
+        let pausing = to.is_some();
+        *g.handing_off.lock().map_err(|_| Error::Poisoned)? = to;
+        g.raft.runtime_config().heartbeat(!pausing);
+        g.raft.runtime_config().elect(!pausing);
+        Ok(())
+    }
+
+    /// The address this node knows for `node` in `group`'s membership.
+    pub fn member_addr(&self, group: u32, node: NodeId) -> Option<String> {
+        let raft = self.raft(group)?;
+        let m = raft.metrics().borrow().membership_config.clone();
+        m.membership().get_node(&node).map(|n| n.addr.clone())
     }
 
     /// Whether this node currently leads `group`.

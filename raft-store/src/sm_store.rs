@@ -133,7 +133,9 @@ impl SmStore {
         Ok(replies)
     }
 
-    fn build(&self) -> Result<Snapshot<TypeConfig>, StoreError> {
+    /// A snapshot of the current state: applied id, membership and (with
+    /// `with_rows`) every row, all read from one RocksDB snapshot.
+    fn build(&self, with_rows: bool) -> Result<Snapshot<TypeConfig>, StoreError> {
         let db = &self.shared.db;
         let snap = db.snapshot();
         let meta = db::cf(db, CF_META)?;
@@ -151,14 +153,16 @@ impl SmStore {
             Some(raw) => db::decode("membership", &raw)?,
             None => StoredMembership::default(),
         };
-        let mut ro = ReadOptions::default();
-        ro.set_iterate_lower_bound(db::group_prefix(self.group).to_vec());
-        ro.set_iterate_upper_bound(db::group_end(self.group));
-        ro.fill_cache(false);
         let mut rows = Vec::new();
-        for item in snap.iterator_cf_opt(db::cf(db, CF_SM)?, ro, IteratorMode::Start) {
-            let (k, v) = item.map_err(StoreError::rocks)?;
-            rows.push((k.get(4..).unwrap_or_default().to_vec(), v.to_vec()));
+        if with_rows {
+            let mut ro = ReadOptions::default();
+            ro.set_iterate_lower_bound(db::group_prefix(self.group).to_vec());
+            ro.set_iterate_upper_bound(db::group_end(self.group));
+            ro.fill_cache(false);
+            for item in snap.iterator_cf_opt(db::cf(db, CF_SM)?, ro, IteratorMode::Start) {
+                let (k, v) = item.map_err(StoreError::rocks)?;
+                rows.push((k.get(4..).unwrap_or_default().to_vec(), v.to_vec()));
+            }
         }
         let n = self.snapshots_built.fetch_add(1, Ordering::Relaxed) + 1;
         let snapshot_id = match &applied {
@@ -217,9 +221,15 @@ impl SmStore {
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for SmStore {
+    /// openraft builds snapshots to compact the log and keeps only their
+    /// meta (openraft 0.9, `core/sm/worker.rs`). The state machine is
+    /// persistent, so the rows themselves are serialized only when a
+    /// snapshot is actually sent ([`RaftStateMachine::get_current_snapshot`]);
+    /// building one for compaction costs two point reads, not a copy of the
+    /// shard.
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
         let this = self.clone();
-        tokio::task::spawn_blocking(move || this.build())
+        tokio::task::spawn_blocking(move || this.build(false))
             .await
             .map_err(|e| StoreError::Corrupt(e.to_string()).into_raft_read())?
             .map_err(|e| e.into_raft_read())
@@ -270,7 +280,11 @@ impl RaftStateMachine<TypeConfig> for SmStore {
         if applied.is_none() {
             return Ok(None);
         }
-        let mut b = self.clone();
-        b.build_snapshot().await.map(Some)
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || this.build(true))
+            .await
+            .map_err(|e| StoreError::Corrupt(e.to_string()).into_raft_read())?
+            .map(Some)
+            .map_err(|e| e.into_raft_read())
     }
 }

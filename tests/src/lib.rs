@@ -62,6 +62,12 @@ pub struct NodeProc {
     pub data_dir: PathBuf,
     pub log: PathBuf,
     args: Vec<String>,
+    /// Argv run in front of `natter-node` (e.g. `ip netns exec NS`); empty:
+    /// the binary is started directly. May be changed between restarts.
+    pub prefix: Vec<String>,
+    /// Extra environment of the process (e.g. libfaketime's); may be changed
+    /// between restarts.
+    pub env: Vec<(String, String)>,
     child: Option<Child>,
 }
 
@@ -101,6 +107,18 @@ impl Default for ClusterOpts {
     }
 }
 
+/// Where and how one node runs, for suites that place nodes themselves
+/// (the fault-injection suite: network namespaces, libfaketime).
+#[derive(Clone, Debug, Default)]
+pub struct NodeHost {
+    /// The node's `--listen` address (also what it advertises).
+    pub listen: String,
+    /// Argv run in front of `natter-node`, e.g. `["ip", "netns", "exec", "ns1"]`.
+    pub prefix: Vec<String>,
+    /// Extra environment variables of the process.
+    pub env: Vec<(String, String)>,
+}
+
 /// A cluster of real node processes.
 pub struct Cluster {
     pub dir: tempfile::TempDir,
@@ -112,9 +130,18 @@ impl Cluster {
     /// Starts the nodes and waits until every group has a leader and the
     /// layout is recorded.
     pub async fn start(opts: ClusterOpts) -> Result<Cluster> {
+        Cluster::start_on(opts, BTreeMap::new()).await
+    }
+
+    /// Like [`Cluster::start`], with the nodes placed by `hosts` (by node id;
+    /// a node missing there gets an ephemeral loopback port, started directly).
+    pub async fn start_on(opts: ClusterOpts, hosts: BTreeMap<u64, NodeHost>) -> Result<Cluster> {
         let dir = tempfile::Builder::new().prefix("natter-test-").tempdir()?;
         let addrs: BTreeMap<u64, String> = (1..=opts.nodes)
-            .map(|id| (id, format!("127.0.0.1:{}", free_port())))
+            .map(|id| match hosts.get(&id) {
+                Some(h) => (id, h.listen.clone()),
+                None => (id, format!("127.0.0.1:{}", free_port())),
+            })
             .collect();
         let initial = addrs
             .iter()
@@ -146,6 +173,8 @@ impl Cluster {
                     data_dir,
                     log,
                     args,
+                    prefix: hosts.get(id).map(|h| h.prefix.clone()).unwrap_or_default(),
+                    env: hosts.get(id).map(|h| h.env.clone()).unwrap_or_default(),
                     child: None,
                 },
             );
@@ -177,8 +206,17 @@ impl Cluster {
             .create(true)
             .append(true)
             .open(&n.log)?;
-        let child = Command::new(bin("natter-node"))
+        let mut cmd = match n.prefix.split_first() {
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(bin("natter-node"));
+                c
+            }
+            None => Command::new(bin("natter-node")),
+        };
+        let child = cmd
             .args(&n.args)
+            .envs(n.env.iter().map(|(k, v)| (k, v)))
             .env(
                 "RUST_LOG",
                 std::env::var("NATTER_TEST_LOG").unwrap_or_else(|_| "info,openraft=warn".into()),
@@ -298,25 +336,36 @@ impl Cluster {
         Err(last)
     }
 
-    /// Makes node `to` the leader of `shard` (it campaigns until it wins).
+    /// Makes node `to` the leader of `shard`: asks the current leader to
+    /// hand leadership over, until `to` reports itself leader.
     pub async fn transfer_leader(&self, shard: u32, to: u64) -> Result<()> {
-        let deadline = Instant::now() + Duration::from_secs(30);
+        let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             let st = self.status(to).await?;
-            if st
+            let g = st
                 .groups
                 .iter()
-                .any(|g| g.group == shard && g.leader_id == to && g.state == "Leader")
-            {
+                .find(|g| g.group == shard)
+                .context("shard not hosted")?;
+            if g.leader_id == to && g.state == "Leader" {
                 return Ok(());
             }
             if Instant::now() > deadline {
                 bail!("node {to} did not become leader of shard {shard}");
             }
-            let mut c = self.client(to).await?;
-            c.transfer_leader(natter_proto::cluster::TransferLeaderRequest { shard })
-                .await?;
-            tokio::time::sleep(Duration::from_millis(300)).await;
+            if g.leader_id != 0
+                && self
+                    .nodes
+                    .get(&g.leader_id)
+                    .is_some_and(|n| n.child.is_some())
+            {
+                let mut c = self.client(g.leader_id).await?;
+                // An error (e.g. leadership moved meanwhile) just means: look again.
+                let _ = c
+                    .transfer_leader(natter_proto::cluster::TransferLeaderRequest { shard, to })
+                    .await;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
 

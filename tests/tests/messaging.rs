@@ -325,7 +325,7 @@ async fn feeds_converge_when_a_feed_shard_leader_is_killed_mid_fan_out() {
     for (id, _) in &members {
         wait_feed_converged(&n, id, &convs).await.unwrap();
     }
-    // And the outbox drained completely.
+    // And the outbox drains completely (acks are batched, so poll).
     let q = pb::Query {
         now_ms: 0,
         q: Some(Q::PendingOutbox(pb::PendingOutbox {
@@ -333,18 +333,27 @@ async fn feeds_converge_when_a_feed_shard_leader_is_killed_mid_fan_out() {
             after: vec![],
         })),
     };
-    let raw = n
-        .client
-        .read(
-            conv_shard,
-            &prost::Message::encode_to_vec(&q),
-            Duration::from_secs(10),
-        )
-        .await
-        .unwrap();
-    match natter_tests::natter::decode(&raw).unwrap() {
-        R::Outbox(b) => assert!(b.entries.is_empty(), "outbox not drained: {:?}", b.entries),
-        other => panic!("{other:?}"),
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let raw = n
+            .client
+            .read(
+                conv_shard,
+                &prost::Message::encode_to_vec(&q),
+                Duration::from_secs(10),
+            )
+            .await
+            .unwrap();
+        match natter_tests::natter::decode(&raw).unwrap() {
+            R::Outbox(b) if b.entries.is_empty() => break,
+            R::Outbox(b) => assert!(
+                Instant::now() < deadline,
+                "outbox never drained: {:?}",
+                b.entries
+            ),
+            other => panic!("{other:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let (feed, _) = n.full_feed(&members[1].0).await.unwrap();
     let row = feed.0[&group].conversation.clone().unwrap();
