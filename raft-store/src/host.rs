@@ -28,7 +28,9 @@ use crate::{Error, Shared, StoreError};
 #[serde(default)]
 pub struct RaftTimings {
     /// Leader heartbeat period. Slow on purpose: dozens of idle groups per
-    /// node each send one per follower per period.
+    /// node each send one per follower per period. openraft 0.9 also uses it
+    /// as the timeout of every AppendEntries RPC, so too short a value turns
+    /// a slow fsync on a busy machine into timeouts and resends.
     pub heartbeat_ms: u64,
     pub election_min_ms: u64,
     pub election_max_ms: u64,
@@ -44,9 +46,9 @@ pub struct RaftTimings {
 impl Default for RaftTimings {
     fn default() -> Self {
         RaftTimings {
-            heartbeat_ms: 250,
-            election_min_ms: 1000,
-            election_max_ms: 2000,
+            heartbeat_ms: 500,
+            election_min_ms: 1500,
+            election_max_ms: 3000,
             snapshot_logs: 20_000,
             keep_logs: 1_000,
             install_snapshot_timeout_ms: 10_000,

@@ -97,11 +97,11 @@ impl Default for ClusterOpts {
             shards: 4,
             node_args: vec![
                 "--heartbeat-ms".into(),
-                "100".into(),
+                "200".into(),
                 "--election-min-ms".into(),
-                "500".into(),
+                "800".into(),
                 "--election-max-ms".into(),
-                "1000".into(),
+                "1600".into(),
             ],
         }
     }
