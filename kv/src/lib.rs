@@ -66,6 +66,19 @@ pub trait StateMachine: Send + Sync + 'static {
     fn query(&self, kv: &dyn KvRead, query: &[u8]) -> KvResult<Vec<u8>>;
 }
 
+/// True when no key can lie between the bounds. Scans must check this
+/// first: `BTreeMap::range` panics on such bounds, and a storage engine would
+/// be handed an inverted range.
+pub fn is_empty_range(start: Bound<&[u8]>, end: Bound<&[u8]>) -> bool {
+    match (start, end) {
+        (Bound::Included(s), Bound::Included(e)) => s > e,
+        (Bound::Included(s), Bound::Excluded(e))
+        | (Bound::Excluded(s), Bound::Included(e))
+        | (Bound::Excluded(s), Bound::Excluded(e)) => s >= e,
+        _ => false,
+    }
+}
+
 /// The smallest key greater than every key starting with `prefix`, or `None`
 /// when no such key exists (the prefix is all 0xff).
 pub fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
@@ -81,7 +94,17 @@ pub fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
 
 #[cfg(test)]
 mod tests {
-    use super::prefix_end;
+    use super::{is_empty_range, prefix_end};
+    use std::ops::Bound::{Excluded, Included, Unbounded};
+
+    #[test]
+    fn empty_ranges_are_recognised() {
+        assert!(is_empty_range(Included(b"b"), Included(b"a")));
+        assert!(!is_empty_range(Included(b"a"), Included(b"a")));
+        assert!(is_empty_range(Excluded(b"a"), Excluded(b"a")));
+        assert!(is_empty_range(Included(b"a"), Excluded(b"a")));
+        assert!(!is_empty_range(Unbounded, Excluded(b"a")));
+    }
 
     #[test]
     fn prefix_end_increments_last_byte_and_carries() {

@@ -5,7 +5,6 @@ use std::ops::Bound;
 
 use natter_kv::{KvRead, KvResult, KvWrite, Pair};
 
-use crate::tx::range_ok;
 
 #[derive(Default, Clone, Debug, PartialEq)]
 pub(crate) struct MemKv(pub(crate) BTreeMap<Vec<u8>, Vec<u8>>);
@@ -22,7 +21,7 @@ impl KvRead for MemKv {
         reverse: bool,
         limit: usize,
     ) -> KvResult<Vec<Pair>> {
-        if !range_ok(start, end) {
+        if natter_kv::is_empty_range(start, end) {
             return Ok(Vec::new());
         }
         let it = self.0.range::<[u8], _>((start, end));

@@ -38,18 +38,6 @@ pub(crate) fn commit(kv: &mut dyn KvWrite, writes: BTreeMap<Vec<u8>, Option<Vec<
     }
 }
 
-/// Whether `(start, end)` is a non-empty range that `BTreeMap::range`
-/// accepts (it panics on inverted or empty-excluded ranges).
-pub(crate) fn range_ok(start: Bound<&[u8]>, end: Bound<&[u8]>) -> bool {
-    match (start, end) {
-        (Bound::Included(s), Bound::Included(e)) => s <= e,
-        (Bound::Included(s), Bound::Excluded(e))
-        | (Bound::Excluded(s), Bound::Included(e))
-        | (Bound::Excluded(s), Bound::Excluded(e)) => s < e,
-        _ => true,
-    }
-}
-
 impl KvRead for Overlay<'_> {
     fn get(&self, key: &[u8]) -> KvResult<Option<Vec<u8>>> {
         match self.writes.get(key) {
@@ -65,7 +53,7 @@ impl KvRead for Overlay<'_> {
         reverse: bool,
         limit: usize,
     ) -> KvResult<Vec<Pair>> {
-        if limit == 0 || !range_ok(start, end) {
+        if limit == 0 || natter_kv::is_empty_range(start, end) {
             return Ok(Vec::new());
         }
         let local: Vec<(&Vec<u8>, &Option<Vec<u8>>)> =

@@ -12,7 +12,7 @@
 use std::collections::BTreeMap;
 use std::ops::Bound;
 
-use natter_kv::{KvError, KvRead, KvResult, KvWrite, Pair};
+use natter_kv::{is_empty_range, KvError, KvRead, KvResult, KvWrite, Pair};
 use rocksdb::{
     ColumnFamily, Direction, IteratorMode, ReadOptions, SnapshotWithThreadMode, WriteBatch, DB,
 };
@@ -45,18 +45,6 @@ fn abs_bounds(group: u32, start: Bound<&[u8]>, end: Bound<&[u8]>) -> (Vec<u8>, V
 
 fn storage(e: rocksdb::Error) -> KvError {
     KvError::Storage(e.to_string())
-}
-
-/// True when no key can lie between the bounds (`BTreeMap::range` would
-/// panic on such bounds, and RocksDB would be asked for an inverted range).
-fn is_empty_range(start: Bound<&[u8]>, end: Bound<&[u8]>) -> bool {
-    match (start, end) {
-        (Bound::Included(s), Bound::Included(e)) => s > e,
-        (Bound::Included(s), Bound::Excluded(e))
-        | (Bound::Excluded(s), Bound::Included(e))
-        | (Bound::Excluded(s), Bound::Excluded(e)) => s >= e,
-        _ => false,
-    }
 }
 
 /// Rows from RocksDB in `[lower, upper)`, group prefix stripped, lazily.
