@@ -16,6 +16,9 @@
 //! * **Deleted conversations** (`0x42`): their rows are deleted in budgeted
 //!   batches.
 //!
+//! * **Sessions** (`0x61`): expired session rows are deleted
+//!   (`sessions::purge_expired`).
+//!
 //! Expiring a message bumps the conversation version (so synced clients
 //! learn it's gone) and refreshes the members' feeds.
 
@@ -54,6 +57,8 @@ pub(crate) fn housekeeping(kv: &mut dyn KvWrite, now: u64) -> KvResult<u32> {
     done += purge_deleted(kv, &mut budget)?;
     done += expire_ttl(kv, now, &mut budget)?;
     done += expire_retention(kv, now, &mut budget)?;
+    // Not counted: `Ticked.purged` counts messages.
+    crate::sessions::purge_expired(kv, now, &mut budget)?;
     Ok(done)
 }
 
@@ -237,5 +242,6 @@ pub(crate) fn next_expiry(kv: &dyn KvRead) -> KvResult<u64> {
     if let Some((k, v)) = kv.scan_prefix(&keys::purge_prefix(), 1)?.into_iter().next() {
         consider(decode::<pb::PurgeRow>(&k, &v)?.deleted_at_ms.max(1));
     }
+    consider(crate::sessions::next_expiry(kv)?);
     Ok(at)
 }

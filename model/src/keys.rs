@@ -23,6 +23,8 @@
 //! | 0x41 | due at, conversation                  | IndexRef         | conversation |
 //! | 0x42 | conversation                          | PurgeRow         | conversation |
 //! | 0x50 | kind(1), source, user                 | OutboxEntry      | source       |
+//! | 0x60 | token hash(32)                        | Session          | session      |
+//! | 0x61 | expires at, token hash(32)            | (empty)          | session      |
 //!
 //! 0x14 is the sorted feed, 0x15 the feed's change index, 0x32 a
 //! conversation's change index and 0x33 its per-member (private) one. Both
@@ -50,6 +52,8 @@ pub(crate) const EXPIRY: u8 = 0x40;
 pub(crate) const RETENTION_DUE: u8 = 0x41;
 pub(crate) const PURGE: u8 = 0x42;
 pub(crate) const OUTBOX: u8 = 0x50;
+pub(crate) const SESSION: u8 = 0x60;
+pub(crate) const SESSION_EXPIRY: u8 = 0x61;
 
 /// Length of a feed rank: unread flag (1) + inverted activity time (8).
 pub(crate) const RANK_LEN: usize = 9;
@@ -225,6 +229,23 @@ pub(crate) fn outbox(kind: u8, source: &Id, user: &Id) -> Vec<u8> {
 
 pub(crate) fn outbox_prefix() -> Vec<u8> {
     K::new(OUTBOX).done()
+}
+
+pub(crate) fn session(token_hash: &[u8]) -> Vec<u8> {
+    K::new(SESSION).raw(token_hash).done()
+}
+
+pub(crate) fn session_expiry(at: u64, token_hash: &[u8]) -> Vec<u8> {
+    K::new(SESSION_EXPIRY).u64(at).raw(token_hash).done()
+}
+
+pub(crate) fn session_expiry_prefix() -> Vec<u8> {
+    K::new(SESSION_EXPIRY).done()
+}
+
+/// Every session expiry key with time `< at` sorts before this one.
+pub(crate) fn session_expiry_bound(at: u64) -> Vec<u8> {
+    K::new(SESSION_EXPIRY).u64(at).done()
 }
 
 #[cfg(test)]

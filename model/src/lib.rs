@@ -24,6 +24,7 @@
 //! * `feed` — the per-user feed: updates, order, delta sync.
 //! * `outbox` — cross-shard fan-out, and the helpers the outbox worker uses.
 //! * `expiry` — TTL, retention and purging of deleted conversations.
+//! * `sessions` — login sessions by token hash: create, revoke, check.
 //! * [`limits`] — every size and count limit.
 //!
 //! # Operations
@@ -37,11 +38,14 @@
 //!   `CreateDirect`;
 //! * conversation shard: `CreateGroup`, `UpdateConversation`,
 //!   `DeleteConversation`, `SendMessage`, `DeleteMessage`, `MarkRead`;
+//! * session shard (by the token's SHA-256): `CreateSession`,
+//!   `RevokeSession`;
 //! * any shard, sent to a specific one: `AckOutbox`, `Tick`.
 //!
 //! Queries ([`pb::query::Q`], [`query_route_key`]): `GetUser`,
 //! `LookupUsername`, `GetFriendship`, `ListFriends`, `GetConversation`,
-//! `SyncConversation`, `History`, `GetFeed`, `SyncFeed`, and the shard-local
+//! `SyncConversation`, `History`, `GetFeed`, `SyncFeed`, `GetSession`, and
+//! the shard-local
 //! `PendingOutbox` and `NextExpiry`.
 //!
 //! # What the node runs on every data shard it leads
@@ -62,6 +66,7 @@
 //! and corrupt rows are `Err`; then the caller must discard the batch's
 //! writes (the command's housekeeping may have written some).
 
+pub mod client;
 mod codec;
 mod conversations;
 mod error;
@@ -74,6 +79,7 @@ pub mod limits;
 mod messages;
 mod outbox;
 mod route;
+mod sessions;
 mod sync;
 mod tx;
 mod users;
@@ -92,8 +98,8 @@ pub use ids::{direct_conversation_id, is_canonical_uuid};
 pub use limits::*;
 pub use outbox::{outbox_ack, outbox_deliveries, outbox_target_route_key};
 pub use route::{
-    conversation_route_key, fnv1a64, pair_route_key, query_route_key, route_key, shard_of,
-    user_route_key, username_route_key,
+    conversation_route_key, fnv1a64, pair_route_key, query_route_key, route_key, session_route_key,
+    shard_of, user_route_key, username_route_key,
 };
 
 use error::{invalid, Fail, Res};
@@ -154,6 +160,8 @@ fn run(kv: &mut dyn KvWrite, now: u64, purged: u32, op: Op) -> Res<R> {
         Op::DeleteMessage(c) => messages::delete(kv, now, c),
         Op::MarkRead(c) => messages::mark_read(kv, c),
         Op::AckOutbox(c) => outbox::ack(kv, c),
+        Op::CreateSession(c) => sessions::create(kv, now, c),
+        Op::RevokeSession(c) => sessions::revoke(kv, c),
         Op::Tick(_) => Ok(R::Ticked(pb::Ticked {
             now_ms: now,
             purged,
@@ -173,6 +181,7 @@ fn ask(kv: &dyn KvRead, now: u64, q: Q) -> Res<R> {
         Q::GetFeed(q) => feed::get_feed(kv, now, q),
         Q::SyncFeed(q) => feed::sync_feed(kv, now, q),
         Q::PendingOutbox(q) => outbox::pending(kv, q),
+        Q::GetSession(q) => sessions::get_session(kv, now, q),
         Q::NextExpiry(_) => Ok(R::NextExpiry(pb::NextExpiryResult {
             at_ms: expiry::next_expiry(kv)?,
         })),

@@ -40,6 +40,12 @@ pub const SCAN_BUDGET: usize = 4096;
 pub const PREVIEW_FALLBACK_SCAN: usize = 32;
 /// Longest feed or outbox cursor accepted, in bytes.
 pub const MAX_CURSOR_BYTES: usize = 64;
+/// A session's token hash is a SHA-256: exactly this many bytes.
+pub const SESSION_TOKEN_HASH_BYTES: usize = 32;
+/// Longest device label of a session, in bytes.
+pub const MAX_DEVICE_BYTES: usize = 128;
+/// Longest session lifetime: 366 days.
+pub const MAX_SESSION_TTL_MS: u64 = 366 * 24 * 3600 * 1000;
 
 /// A page limit as asked (0 = default), checked against [`MAX_PAGE_LIMIT`].
 pub(crate) fn page_limit(asked: u32) -> crate::error::Res<usize> {

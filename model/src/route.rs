@@ -10,7 +10,8 @@
 //! * a friendship: by the pair's direct conversation id, so it lives with
 //!   that conversation and "direct chats need a friendship / blocked users
 //!   can't message" is checked atomically on one shard;
-//! * username claims: by the username (`'N'` + bytes).
+//! * username claims: by the username (`'N'` + bytes);
+//! * sessions: by the SHA-256 of the token (`'S'` + 32 bytes).
 //!
 //! Shard-local commands and queries (`Tick`, `AckOutbox`, `PendingOutbox`,
 //! `NextExpiry`) have an empty route key: the node sends them to a specific
@@ -74,6 +75,13 @@ pub fn username_route_key(username: &str) -> Vec<u8> {
     k
 }
 
+/// Route key of a session: its token hash's.
+pub fn session_route_key(token_hash: &[u8]) -> Vec<u8> {
+    let mut k = vec![b'S'];
+    k.extend_from_slice(token_hash);
+    k
+}
+
 /// Route key of a pair's friendship: its direct conversation's.
 pub fn pair_route_key(a: &str, b: &str) -> Vec<u8> {
     match (Id::parse(a, ""), Id::parse(b, "")) {
@@ -120,6 +128,8 @@ pub fn route_key(cmd: &Command) -> Vec<u8> {
         Op::SendMessage(c) => conversation_route_key(&c.conversation_id),
         Op::DeleteMessage(c) => conversation_route_key(&c.conversation_id),
         Op::MarkRead(c) => conversation_route_key(&c.conversation_id),
+        Op::CreateSession(c) => session_route_key(&c.token_hash),
+        Op::RevokeSession(c) => session_route_key(&c.token_hash),
         Op::AckOutbox(_) | Op::Tick(_) => Vec::new(),
     }
 }
@@ -139,6 +149,7 @@ pub fn query_route_key(q: &Query) -> Vec<u8> {
         Q::History(q) => conversation_route_key(&q.conversation_id),
         Q::GetFeed(q) => user_route_key(&q.user_id),
         Q::SyncFeed(q) => user_route_key(&q.user_id),
+        Q::GetSession(q) => session_route_key(&q.token_hash),
         Q::PendingOutbox(_) | Q::NextExpiry(_) => Vec::new(),
     }
 }

@@ -5,7 +5,6 @@ use std::ops::Bound;
 
 use natter_kv::{KvRead, KvResult, KvWrite, Pair};
 
-
 #[derive(Default, Clone, Debug, PartialEq)]
 pub(crate) struct MemKv(pub(crate) BTreeMap<Vec<u8>, Vec<u8>>);
 

@@ -255,24 +255,40 @@ impl Node for NodeApi {
     }
 }
 
-/// Asks `to` to campaign until it leads `shard` (this node's lease must run
-/// out first), for at most a few election timeouts.
+/// Hands `shard` to `to` (writes are already refused): first waits until
+/// `to` holds the whole log — replication must finish while heartbeats still
+/// run, since a lost append is only resent by a heartbeat or a new write —
+/// then pauses this leader's heartbeats and asks `to` to campaign until it
+/// wins (this node's lease must run out first). A few election timeouts at
+/// most.
 async fn hand_off(host: &RaftHost, shard: u32, to: u64, addr: &str) -> Result<(), Status> {
+    use std::time::{Duration, Instant};
+    let caught_up_by = Instant::now() + Duration::from_secs(10);
+    while !host.caught_up(shard, to) {
+        if Instant::now() > caught_up_by {
+            return Err(Status::deadline_exceeded(format!(
+                "node {to} did not catch up on shard {shard}"
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    host.pause_leadership(shard, true)
+        .map_err(|e| Status::unavailable(e.to_string()))?;
     let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
         .map_err(|e| Status::invalid_argument(e.to_string()))?
-        .connect_timeout(std::time::Duration::from_secs(1))
-        .timeout(std::time::Duration::from_secs(2))
+        .connect_timeout(Duration::from_secs(1))
+        .timeout(Duration::from_secs(2))
         .connect_lazy();
     let mut target = natter_proto::cluster::node_client::NodeClient::new(ch);
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
-    while std::time::Instant::now() < deadline {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while Instant::now() < deadline {
         if host.leader(shard).map(|(id, _)| id) == Some(to) {
             return Ok(());
         }
         let _ = target
             .transfer_leader(TransferLeaderRequest { shard, to })
             .await;
-        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+        tokio::time::sleep(Duration::from_millis(250)).await;
     }
     Err(Status::deadline_exceeded(format!(
         "node {to} did not take over shard {shard}"

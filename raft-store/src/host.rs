@@ -387,16 +387,38 @@ impl RaftHost {
 
     /// Starts (Some) or ends (None) handing this leader's leadership of
     /// `group` to another node. While it lasts, proposals are refused with
-    /// NotLeader naming the target, and heartbeats and this node's own
-    /// elections stop, so its leader lease (which otherwise makes every peer
-    /// reject a campaign) runs out and the target's campaign can win.
+    /// NotLeader naming the target, so the log stops growing.
     pub fn set_handing_off(&self, group: u32, to: Option<(NodeId, String)>) -> Result<(), Error> {
         let g = self.group(group)?;
-        let pausing = to.is_some();
+        let ending = to.is_none();
         *g.handing_off.lock().map_err(|_| Error::Poisoned)? = to;
-        g.raft.runtime_config().heartbeat(!pausing);
-        g.raft.runtime_config().elect(!pausing);
+        if ending {
+            self.pause_leadership(group, false)?;
+        }
         Ok(())
+    }
+
+    /// Stops (or resumes) this node's heartbeats and elections for `group`.
+    /// Paused, its leader lease — which makes every peer reject a campaign —
+    /// runs out, so another node's campaign can win.
+    pub fn pause_leadership(&self, group: u32, pause: bool) -> Result<(), Error> {
+        let g = self.group(group)?;
+        g.raft.runtime_config().heartbeat(!pause);
+        g.raft.runtime_config().elect(!pause);
+        Ok(())
+    }
+
+    /// Whether `node` holds every entry of this leader's log for `group`.
+    pub fn caught_up(&self, group: u32, node: NodeId) -> bool {
+        let Some(raft) = self.raft(group) else {
+            return false;
+        };
+        let m = raft.metrics().borrow().clone();
+        let last = m.last_log_index;
+        m.replication
+            .as_ref()
+            .and_then(|r| r.get(&node).cloned())
+            .is_some_and(|matched| matched.map(|l| l.index) == last)
     }
 
     /// The address this node knows for `node` in `group`'s membership.

@@ -1,0 +1,741 @@
+//! Real-time push.
+//!
+//! The router keeps a `Watch` stream open to every node. Events are only
+//! hints ("conversation X changed", "user Y's feed changed"); what a device
+//! receives always comes from delta sync on its behalf, from the device's own
+//! last token, so it gets every change exactly once and in order:
+//!
+//! * each connected device has an actor task owning its tokens (feed token,
+//!   one token per tracked conversation, 0 = "not synced yet") and a set of
+//!   dirty marks the hub sets from events;
+//! * the actor syncs what is dirty (paging `has_more`), pushes each non-empty
+//!   page as an event carrying `from_token` and `token`, and advances the
+//!   token; a conversation without a token gets a cold start first;
+//! * the set of conversations a device tracks is its user's feed (read at
+//!   resume), kept current by feed deltas (new rows are tracked, removed ones
+//!   dropped) plus the conversations the client resumed with;
+//! * a lagged or reconnected Watch stream makes every device resync
+//!   (feed delta and every conversation it holds a token for).
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use natter_model::pb::{self, query::Q, response::R, ErrorCode};
+use natter_proto::cluster::{ChangeEvent, ChangeKind, WatchRequest};
+use serde_json::{json, Map, Value};
+use tokio::sync::{Notify, Semaphore};
+use tokio_util::sync::CancellationToken;
+
+use crate::cluster::Cluster;
+use crate::conn::Outbound;
+use crate::error::{check, ApiError};
+use crate::json;
+
+/// Most conversations one device tracks for push.
+pub const MAX_TRACKED: usize = 10_000;
+/// Feed rows per page the router reads on a device's behalf.
+const FEED_PAGE: u32 = 500;
+/// Cluster reads the hub runs at once for all devices together.
+const SYNC_CONCURRENCY: usize = 32;
+
+/// A `resume` request: the client's tokens.
+#[derive(Debug, Default, Clone)]
+pub struct Resume {
+    pub feed_token: u64,
+    pub conversations: BTreeMap<String, u64>,
+}
+
+#[derive(Default)]
+struct Dirty {
+    resumes: Vec<Resume>,
+    feed: bool,
+    all: bool,
+    /// Conversation → highest version an event named (0 = unknown).
+    convs: BTreeMap<String, u64>,
+}
+
+impl Dirty {
+    fn is_empty(&self) -> bool {
+        self.resumes.is_empty() && !self.feed && !self.all && self.convs.is_empty()
+    }
+}
+
+/// One connected device (one WebSocket).
+pub struct Device {
+    pub id: u64,
+    pub user_id: String,
+    pub token_hash: [u8; 32],
+    pub out: Arc<Outbound>,
+    dirty: Mutex<Dirty>,
+    wake: Notify,
+}
+
+impl Device {
+    fn mark(&self, f: impl FnOnce(&mut Dirty)) {
+        if let Ok(mut d) = self.dirty.lock() {
+            f(&mut d);
+        }
+        self.wake.notify_one();
+    }
+
+    fn take(&self) -> Dirty {
+        self.dirty
+            .lock()
+            .map(|mut d| std::mem::take(&mut *d))
+            .unwrap_or_default()
+    }
+
+    /// Asks the actor to (re)start push from these tokens.
+    pub fn resume(&self, r: Resume) {
+        self.mark(|d| d.resumes.push(r));
+    }
+}
+
+#[derive(Default)]
+struct Index {
+    devices: HashMap<u64, Arc<Device>>,
+    by_user: HashMap<String, HashSet<u64>>,
+    by_conv: HashMap<String, HashSet<u64>>,
+    by_token: HashMap<[u8; 32], HashSet<u64>>,
+}
+
+fn remove_from(map: &mut HashMap<String, HashSet<u64>>, key: &str, id: u64) {
+    if let Some(set) = map.get_mut(key) {
+        set.remove(&id);
+        if set.is_empty() {
+            map.remove(key);
+        }
+    }
+}
+
+/// What the actor of one device knows.
+#[derive(Default)]
+struct DeviceState {
+    live: bool,
+    /// Whether the full feed was read to learn the tracked conversations.
+    scanned: bool,
+    feed_token: u64,
+    /// Tracked conversation → token (0 = not synced for this device yet).
+    convs: HashMap<String, u64>,
+}
+
+pub struct Hub {
+    cluster: Cluster,
+    page: u32,
+    timeout: Duration,
+    index: Mutex<Index>,
+    next_id: AtomicU64,
+    reads: Semaphore,
+    /// Node address → whether its Watch stream is connected.
+    watching: Mutex<HashMap<String, bool>>,
+}
+
+fn event(name: &str, mut fields: Map<String, Value>) -> Value {
+    let mut m = Map::new();
+    m.insert("v".into(), json!(1));
+    m.insert("event".into(), json!(name));
+    m.append(&mut fields);
+    Value::Object(m)
+}
+
+impl Hub {
+    pub fn new(cluster: Cluster, page: u32, timeout: Duration) -> Arc<Hub> {
+        Arc::new(Hub {
+            cluster,
+            page,
+            timeout,
+            index: Mutex::new(Index::default()),
+            next_id: AtomicU64::new(1),
+            reads: Semaphore::new(SYNC_CONCURRENCY),
+            watching: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Registers a connection's device and starts its actor, which ends
+    /// (and unregisters) when the connection closes.
+    pub fn register(
+        self: &Arc<Hub>,
+        user_id: &str,
+        token_hash: [u8; 32],
+        out: Arc<Outbound>,
+    ) -> Arc<Device> {
+        let dev = Arc::new(Device {
+            id: self.next_id.fetch_add(1, Ordering::Relaxed),
+            user_id: user_id.to_string(),
+            token_hash,
+            out,
+            dirty: Mutex::new(Dirty::default()),
+            wake: Notify::new(),
+        });
+        if let Ok(mut ix) = self.index.lock() {
+            ix.devices.insert(dev.id, dev.clone());
+            ix.by_user
+                .entry(dev.user_id.clone())
+                .or_default()
+                .insert(dev.id);
+            ix.by_token.entry(token_hash).or_default().insert(dev.id);
+        }
+        let (hub, d) = (self.clone(), dev.clone());
+        tokio::spawn(async move {
+            let st = hub.run_device(&d).await;
+            hub.unregister(&d, st.convs.keys());
+        });
+        dev
+    }
+
+    fn unregister<'a>(&self, dev: &Device, convs: impl Iterator<Item = &'a String>) {
+        if let Ok(mut ix) = self.index.lock() {
+            ix.devices.remove(&dev.id);
+            remove_from(&mut ix.by_user, &dev.user_id, dev.id);
+            if let Some(set) = ix.by_token.get_mut(&dev.token_hash) {
+                set.remove(&dev.id);
+                if set.is_empty() {
+                    ix.by_token.remove(&dev.token_hash);
+                }
+            }
+            for c in convs {
+                remove_from(&mut ix.by_conv, c, dev.id);
+            }
+        }
+    }
+
+    pub fn connections(&self) -> usize {
+        self.index.lock().map(|ix| ix.devices.len()).unwrap_or(0)
+    }
+
+    /// Closes every local connection of a session (after a logout here).
+    pub fn end_session(&self, token_hash: &[u8; 32]) {
+        let devs: Vec<Arc<Device>> = self
+            .index
+            .lock()
+            .map(|ix| {
+                ix.by_token
+                    .get(token_hash)
+                    .map(|s| {
+                        s.iter()
+                            .filter_map(|id| ix.devices.get(id).cloned())
+                            .collect()
+                    })
+                    .unwrap_or_default()
+            })
+            .unwrap_or_default();
+        for d in devs {
+            d.out.send_json(&event("session_ended", Map::new()));
+            d.out
+                .closer()
+                .close(crate::conn::close::SESSION_ENDED, "session ended");
+        }
+    }
+
+    fn track(&self, dev: &Device, conv: &str) {
+        if let Ok(mut ix) = self.index.lock() {
+            ix.by_conv
+                .entry(conv.to_string())
+                .or_default()
+                .insert(dev.id);
+        }
+    }
+
+    fn untrack(&self, dev: &Device, conv: &str) {
+        if let Ok(mut ix) = self.index.lock() {
+            remove_from(&mut ix.by_conv, conv, dev.id);
+        }
+    }
+
+    /// Sends a typing indicator to the other local devices tracking the
+    /// conversation (this router only). The sender must track it.
+    pub fn typing(&self, dev: &Device, conv: &str) -> Result<(), ApiError> {
+        let targets: Vec<Arc<Device>> = {
+            let ix = self
+                .index
+                .lock()
+                .map_err(|_| ApiError::Unavailable("hub poisoned".into()))?;
+            let Some(set) = ix.by_conv.get(conv).filter(|s| s.contains(&dev.id)) else {
+                return Err(ApiError::not_found(
+                    "conversation not found (resume first to track your conversations)",
+                ));
+            };
+            set.iter()
+                .filter_map(|id| ix.devices.get(id))
+                .filter(|d| d.user_id != dev.user_id)
+                .cloned()
+                .collect()
+        };
+        let ev = event(
+            "typing",
+            Map::from_iter([
+                ("conversation_id".to_string(), json!(conv)),
+                ("user_id".to_string(), json!(dev.user_id)),
+            ]),
+        );
+        for d in targets {
+            d.out.send_json(&ev);
+        }
+        Ok(())
+    }
+
+    /// Applies one Watch event: marks what changed dirty on the devices
+    /// that care.
+    pub fn on_event(&self, ev: &ChangeEvent) {
+        if ev.lagged {
+            tracing::info!("a watch stream lagged: resyncing every device");
+            self.resync_all();
+            return;
+        }
+        let mut friends = Vec::new();
+        if let Ok(ix) = self.index.lock() {
+            for ch in &ev.changes {
+                match ChangeKind::try_from(ch.kind) {
+                    Ok(ChangeKind::Conversation) => {
+                        for d in ix.by_conv.get(&ch.id).into_iter().flatten() {
+                            if let Some(d) = ix.devices.get(d) {
+                                d.mark(|x| {
+                                    let v = x.convs.entry(ch.id.clone()).or_insert(0);
+                                    *v = (*v).max(ch.version);
+                                });
+                            }
+                        }
+                    }
+                    Ok(ChangeKind::Feed) => {
+                        for d in ix.by_user.get(&ch.id).into_iter().flatten() {
+                            if let Some(d) = ix.devices.get(d) {
+                                d.mark(|x| x.feed = true);
+                            }
+                        }
+                    }
+                    Ok(ChangeKind::Friends) => {
+                        for d in ix.by_user.get(&ch.id).into_iter().flatten() {
+                            if let Some(d) = ix.devices.get(d) {
+                                friends.push(d.clone());
+                            }
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+        for d in friends {
+            d.out.send_json(&event("friends", Map::new()));
+        }
+    }
+
+    /// Every device re-syncs its feed and conversations.
+    pub fn resync_all(&self) {
+        if let Ok(ix) = self.index.lock() {
+            for d in ix.devices.values() {
+                d.mark(|x| x.all = true);
+            }
+        }
+    }
+
+    /// Sends `{"event":"reconnect"}` to every connection (shutdown).
+    pub fn broadcast_reconnect(&self) {
+        let devs: Vec<Arc<Device>> = self
+            .index
+            .lock()
+            .map(|ix| ix.devices.values().cloned().collect())
+            .unwrap_or_default();
+        let ev = event(
+            "reconnect",
+            Map::from_iter([(
+                "reason".to_string(),
+                json!("the router is shutting down; reconnect and resume"),
+            )]),
+        );
+        for d in devs {
+            d.out.send_json(&ev);
+        }
+    }
+
+    async fn run_device(&self, dev: &Device) -> DeviceState {
+        let mut st = DeviceState::default();
+        let closer = dev.out.closer();
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            tokio::select! {
+                _ = dev.wake.notified() => {}
+                _ = closer.closed() => return st,
+            }
+            loop {
+                let work = dev.take();
+                if work.is_empty() || closer.is_closed() {
+                    break;
+                }
+                match self.process(dev, &mut st, work).await {
+                    Ok(()) => backoff = Duration::from_millis(100),
+                    Err(e) => {
+                        tracing::debug!(device = dev.id, "push sync failed, retrying: {e}");
+                        dev.mark(|x| x.all = true);
+                        tokio::select! {
+                            _ = tokio::time::sleep(backoff) => {}
+                            _ = closer.closed() => return st,
+                        }
+                        backoff = (backoff * 2).min(Duration::from_secs(5));
+                    }
+                }
+            }
+        }
+    }
+
+    async fn query(&self, q: Q) -> Result<R, ApiError> {
+        let _permit = self
+            .reads
+            .acquire()
+            .await
+            .map_err(|_| ApiError::Unavailable("shutting down".into()))?;
+        let r = self.cluster.query(q, Instant::now() + self.timeout).await?;
+        check(r)
+    }
+
+    async fn process(
+        &self,
+        dev: &Device,
+        st: &mut DeviceState,
+        mut work: Dirty,
+    ) -> Result<(), ApiError> {
+        for r in std::mem::take(&mut work.resumes) {
+            st.live = true;
+            for (c, t) in r.conversations {
+                if st.convs.len() >= MAX_TRACKED && !st.convs.contains_key(&c) {
+                    continue;
+                }
+                self.track(dev, &c);
+                st.convs.insert(c.clone(), t);
+                work.convs.insert(c, 0);
+            }
+            if r.feed_token > 0 {
+                st.feed_token = r.feed_token;
+            }
+            work.feed = true;
+        }
+        if !st.live {
+            return Ok(());
+        }
+        if !st.scanned && st.feed_token > 0 {
+            self.scan_feed(dev, st).await?;
+        }
+        if work.all {
+            work.feed = true;
+            for (c, t) in &st.convs {
+                if *t > 0 {
+                    work.convs.entry(c.clone()).or_insert(0);
+                }
+            }
+        }
+        if work.feed {
+            self.sync_feed(dev, st, &mut work.convs).await?;
+        }
+        for (c, hint) in work.convs {
+            match st.convs.get(&c) {
+                Some(t) if hint == 0 || *t == 0 || hint > *t => {
+                    self.sync_conversation(dev, st, &c).await?
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Learns a feed row: tracks or drops its conversation and marks it for
+    /// sync when the row is newer than the device's token.
+    fn learn(
+        &self,
+        dev: &Device,
+        st: &mut DeviceState,
+        e: &pb::FeedEntry,
+        dirty: Option<&mut BTreeMap<String, u64>>,
+    ) {
+        let Some(u) = &e.conversation else { return };
+        let c = &u.conversation_id;
+        if u.removed {
+            if st.convs.remove(c).is_some() {
+                self.untrack(dev, c);
+            }
+            return;
+        }
+        if !st.convs.contains_key(c) {
+            if st.convs.len() >= MAX_TRACKED {
+                return;
+            }
+            st.convs.insert(c.clone(), 0);
+            self.track(dev, c);
+        }
+        if let (Some(dirty), Some(t)) = (dirty, st.convs.get(c)) {
+            if u.version > *t {
+                let v = dirty.entry(c.clone()).or_insert(0);
+                *v = (*v).max(u.version);
+            }
+        }
+    }
+
+    /// Reads the whole visible feed to learn the tracked conversations
+    /// (pushes nothing: the client has the feed up to its token).
+    async fn scan_feed(&self, dev: &Device, st: &mut DeviceState) -> Result<(), ApiError> {
+        let mut cursor = Vec::new();
+        loop {
+            let page = match self
+                .query(Q::GetFeed(pb::GetFeed {
+                    user_id: dev.user_id.clone(),
+                    limit: FEED_PAGE,
+                    cursor: cursor.clone(),
+                }))
+                .await?
+            {
+                R::Feed(p) => p,
+                other => return Err(ApiError::unexpected(&other)),
+            };
+            for e in &page.entries {
+                self.learn(dev, st, e, None);
+            }
+            if !page.has_more || page.cursor.is_empty() || st.convs.len() >= MAX_TRACKED {
+                break;
+            }
+            cursor = page.cursor;
+        }
+        st.scanned = true;
+        Ok(())
+    }
+
+    fn push_feed(&self, dev: &Device, from: u64, p: &pb::FeedPage) {
+        let mut m = json::feed_page(p);
+        m.insert("from_token".into(), json!(from));
+        dev.out.send_json(&event("feed", m));
+    }
+
+    /// Pushes the feed's changes since the device's token (a cold start of
+    /// every page when it has none) and marks changed conversations.
+    async fn sync_feed(
+        &self,
+        dev: &Device,
+        st: &mut DeviceState,
+        dirty: &mut BTreeMap<String, u64>,
+    ) -> Result<(), ApiError> {
+        loop {
+            let p = match self
+                .query(Q::SyncFeed(pb::SyncFeed {
+                    user_id: dev.user_id.clone(),
+                    token: st.feed_token,
+                    limit: FEED_PAGE,
+                }))
+                .await?
+            {
+                R::Feed(p) => p,
+                other => return Err(ApiError::unexpected(&other)),
+            };
+            let from = st.feed_token;
+            if p.cold_start {
+                // Token 0 (or one the shard doesn't know): every page, then
+                // the changes made while paging.
+                self.push_feed(dev, from, &p);
+                for e in &p.entries {
+                    self.learn(dev, st, e, Some(dirty));
+                }
+                let token = p.token;
+                let mut cursor = p.cursor;
+                let mut more = p.has_more;
+                while more && !cursor.is_empty() {
+                    let page = match self
+                        .query(Q::GetFeed(pb::GetFeed {
+                            user_id: dev.user_id.clone(),
+                            limit: FEED_PAGE,
+                            cursor: cursor.clone(),
+                        }))
+                        .await?
+                    {
+                        R::Feed(p) => p,
+                        other => return Err(ApiError::unexpected(&other)),
+                    };
+                    let shown = pb::FeedPage {
+                        token,
+                        ..page.clone()
+                    };
+                    self.push_feed(dev, token, &shown);
+                    for e in &page.entries {
+                        self.learn(dev, st, e, Some(dirty));
+                    }
+                    more = page.has_more;
+                    cursor = page.cursor;
+                }
+                st.feed_token = token;
+                st.scanned = true;
+                if token == 0 {
+                    return Ok(());
+                }
+                continue;
+            }
+            if !p.entries.is_empty() || p.token != from {
+                self.push_feed(dev, from, &p);
+            }
+            for e in &p.entries {
+                self.learn(dev, st, e, Some(dirty));
+            }
+            st.feed_token = p.token;
+            if !p.has_more || p.token == from {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Pushes a conversation's changes since the device's token (a cold
+    /// start when it has none).
+    async fn sync_conversation(
+        &self,
+        dev: &Device,
+        st: &mut DeviceState,
+        conv: &str,
+    ) -> Result<(), ApiError> {
+        loop {
+            let Some(&from) = st.convs.get(conv) else {
+                return Ok(());
+            };
+            let r = self
+                .query(Q::SyncConversation(pb::SyncConversation {
+                    viewer_id: dev.user_id.clone(),
+                    conversation_id: conv.to_string(),
+                    token: from,
+                    limit: self.page,
+                }))
+                .await;
+            let s = match r {
+                Ok(R::ConversationSync(s)) => s,
+                Ok(other) => return Err(ApiError::unexpected(&other)),
+                Err(ApiError::Model { code, message }) => {
+                    // Not (or no longer) visible to this user, or a bad id
+                    // from `resume`: stop tracking it.
+                    st.convs.remove(conv);
+                    self.untrack(dev, conv);
+                    let mut m = Map::new();
+                    m.insert("conversation_id".into(), json!(conv));
+                    if code != ErrorCode::NotFound {
+                        m.insert("message".into(), json!(message));
+                    }
+                    dev.out.send_json(&event("conversation_gone", m));
+                    return Ok(());
+                }
+                Err(e) => return Err(e),
+            };
+            if s.cold_start || !s.changes.is_empty() || s.token != from {
+                let mut m = Map::new();
+                m.insert("conversation_id".into(), json!(conv));
+                m.insert("from_token".into(), json!(from));
+                m.append(&mut json::conversation_sync(&s));
+                dev.out.send_json(&event("conversation", m));
+            }
+            st.convs.insert(conv.to_string(), s.token);
+            if !s.has_more || s.token == from {
+                return Ok(());
+            }
+        }
+    }
+
+    // -----------------------------------------------------------------
+    // Watch streams
+    // -----------------------------------------------------------------
+
+    /// Keeps one Watch stream per node of the shard map, adding nodes as
+    /// the map grows, until `stop`.
+    pub async fn watch_cluster(self: Arc<Hub>, stop: CancellationToken) {
+        let mut started: HashSet<String> = HashSet::new();
+        loop {
+            let layout = match self.cluster.layout() {
+                Some(l) => Some(l),
+                None => self.cluster.refresh_layout(Duration::ZERO).await.ok(),
+            };
+            if let Some(l) = layout {
+                for addr in l.addrs() {
+                    if started.insert(addr.clone()) {
+                        tokio::spawn(self.clone().watch_node(addr, stop.clone()));
+                    }
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(if started.is_empty() { 1 } else { 10 })) => {}
+                _ = stop.cancelled() => return,
+            }
+            let _ = self.cluster.refresh_layout(Duration::from_secs(5)).await;
+        }
+    }
+
+    fn set_watching(&self, addr: &str, up: bool) {
+        if let Ok(mut w) = self.watching.lock() {
+            w.insert(addr.to_string(), up);
+        }
+    }
+
+    /// Whether every shard has a majority of replicas whose Watch stream is
+    /// connected (the router can route and push).
+    pub fn ready(&self) -> Result<(), String> {
+        let Some(l) = self.cluster.layout() else {
+            return Err("shard map not known yet".into());
+        };
+        let up: HashSet<String> = self
+            .watching
+            .lock()
+            .map(|w| {
+                w.iter()
+                    .filter(|(_, u)| **u)
+                    .map(|(a, _)| a.clone())
+                    .collect()
+            })
+            .unwrap_or_default();
+        for shard in 1..=l.shard_count {
+            let replicas = l.replica_addrs(shard);
+            let n = replicas.iter().filter(|a| up.contains(*a)).count();
+            if replicas.is_empty() || n * 2 <= replicas.len() {
+                return Err(format!(
+                    "shard {shard}: {n} of {} replicas reachable",
+                    replicas.len()
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    async fn watch_node(self: Arc<Hub>, addr: String, stop: CancellationToken) {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            if stop.is_cancelled() {
+                return;
+            }
+            let started = Instant::now();
+            let stream = match self.cluster.client(&addr) {
+                Ok(mut c) => tokio::select! {
+                    r = tokio::time::timeout(Duration::from_secs(3), c.watch(WatchRequest {})) => r.ok().and_then(|r| r.ok()),
+                    _ = stop.cancelled() => return,
+                },
+                Err(_) => None,
+            };
+            if let Some(stream) = stream {
+                let mut stream = stream.into_inner();
+                tracing::info!(node = %addr, "watch stream open");
+                self.set_watching(&addr, true);
+                // Whatever committed while we weren't watching.
+                self.resync_all();
+                loop {
+                    tokio::select! {
+                        m = stream.message() => match m {
+                            Ok(Some(ev)) => self.on_event(&ev),
+                            Ok(None) => break,
+                            Err(e) => {
+                                tracing::info!(node = %addr, "watch stream ended: {}", e.message());
+                                break;
+                            }
+                        },
+                        _ = stop.cancelled() => return,
+                    }
+                }
+                self.set_watching(&addr, false);
+            }
+            if started.elapsed() > Duration::from_secs(10) {
+                backoff = Duration::from_millis(100);
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(backoff) => {}
+                _ = stop.cancelled() => return,
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(2));
+        }
+    }
+}

@@ -1,0 +1,65 @@
+//! `natter-admin` against a real cluster: status (human and JSON), a node
+//! going down, and a leadership hand-off.
+
+use std::process::Command;
+
+use natter_tests::{bin, Cluster, ClusterOpts};
+
+fn admin(node: &str, args: &[&str]) -> (i32, String) {
+    let out = Command::new(bin("natter-admin"))
+        .arg("--node")
+        .arg(node)
+        .args(args)
+        .output()
+        .expect("run natter-admin");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).to_string(),
+    )
+}
+
+#[tokio::test]
+async fn status_reports_nodes_shards_leaders_and_survives_a_node_going_down() {
+    let mut c = Cluster::start(ClusterOpts::default()).await.unwrap();
+    let node1 = c.node(1).addr.clone();
+
+    let (code, text) = admin(&node1, &["status"]);
+    assert_eq!(code, 0, "{text}");
+    assert!(
+        text.contains("3/3 nodes up, 4/4 shards with a leader"),
+        "{text}"
+    );
+    for id in 1..=3 {
+        assert!(
+            text.contains(&c.node(id).addr),
+            "node {id} missing:\n{text}"
+        );
+    }
+
+    let (code, json) = admin(&node1, &["status", "--json"]);
+    assert_eq!(code, 0);
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(v["shards"].as_array().map(Vec::len), Some(4));
+    assert_eq!(v["healthy"], true);
+    let shard1_leader = v["shards"][0]["leader"].as_u64().unwrap();
+
+    // Hand shard 1 to another node.
+    let to = if shard1_leader == 3 { 2 } else { 3 };
+    let (code, text) = admin(
+        &node1,
+        &["transfer-leader", "--shard", "1", "--to", &to.to_string()],
+    );
+    assert_eq!(code, 0, "{text}");
+    let (_, json) = admin(&node1, &["status", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(v["shards"][0]["leader"].as_u64(), Some(to), "{json}");
+
+    // A node down: reported, and the exit code says unhealthy.
+    c.kill9(2);
+    let (code, text) = admin(&node1, &["status"]);
+    assert_eq!(code, 3, "{text}");
+    assert!(
+        text.contains("DOWN") && text.contains("2/3 nodes up"),
+        "{text}"
+    );
+}
