@@ -97,6 +97,58 @@ pub fn cf<'a>(db: &'a DB, name: &str) -> Result<&'a ColumnFamily, StoreError> {
         .ok_or_else(|| StoreError::Corrupt(format!("column family {name} is missing")))
 }
 
+/// File in the data dir recording the highest RocksDB sequence number known
+/// to be fsynced in the WAL (written by the WAL syncer, at most every
+/// [`crate::group_commit::MARK_EVERY`]). RocksDB tolerates a torn WAL tail,
+/// which a power cut can leave; a WAL that lost *fsynced* records is damage,
+/// and this mark is how it is told apart.
+pub const SYNC_MARK_FILE: &str = "NATTER-SYNCED";
+const SYNC_MARK_CHECK: u64 = 0x6e61_7474_6572_2121;
+
+/// Reads the sync mark: `None` when there is none yet.
+pub fn read_sync_mark(dir: &Path) -> Result<Option<u64>, StoreError> {
+    let path = dir.join(SYNC_MARK_FILE);
+    let bytes = match std::fs::read(&path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => {
+            return Err(StoreError::Corrupt(format!(
+                "cannot read {}: {e}",
+                path.display()
+            )))
+        }
+    };
+    if bytes.is_empty() {
+        // Created, never written: nothing was fsynced through the syncer yet.
+        return Ok(None);
+    }
+    let word = |i: usize| {
+        bytes
+            .get(i..i + 8)
+            .and_then(|b| b.try_into().ok())
+            .map(u64::from_le_bytes)
+    };
+    match (word(0), word(8)) {
+        (Some(seq), Some(check)) if bytes.len() == 16 && check == seq ^ SYNC_MARK_CHECK => {
+            Ok(Some(seq))
+        }
+        _ => Err(StoreError::Corrupt(format!(
+            "{} is damaged",
+            path.display()
+        ))),
+    }
+}
+
+/// Rewrites the sync mark in place and fdatasyncs it.
+pub fn write_sync_mark(file: &std::fs::File, seq: u64) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let mut b = [0u8; 16];
+    b[..8].copy_from_slice(&seq.to_le_bytes());
+    b[8..].copy_from_slice(&(seq ^ SYNC_MARK_CHECK).to_le_bytes());
+    file.write_all_at(&b, 0)?;
+    file.sync_data()
+}
+
 /// Opens (or creates) the node's database and checks that it is whole and
 /// belongs to `node_id`. With `verify`, every block of every file is read and
 /// checksummed, so a corrupted file stops the start instead of surfacing later
@@ -158,6 +210,16 @@ pub fn open(dir: &Path, node_id: u64, verify: bool) -> Result<DB, StoreError> {
                     have.format
                 )));
             }
+        }
+    }
+    if let Some(mark) = read_sync_mark(dir)? {
+        let recovered = db.latest_sequence_number();
+        if recovered < mark {
+            return Err(StoreError::Corrupt(format!(
+                "the write-ahead log in {} lost acknowledged writes: it recovers up to sequence {recovered}, \
+                 but sequence {mark} had been fsynced (a truncated or damaged WAL file)",
+                dir.display()
+            )));
         }
     }
     if verify && exists {

@@ -15,9 +15,10 @@
 //! benchmark compares against.
 
 use std::io;
-use std::sync::mpsc;
+use std::path::Path;
+use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use rocksdb::DB;
 
@@ -53,13 +54,30 @@ pub struct Syncer {
 
 impl Syncer {
     /// Starts the syncer thread. It ends when the `Syncer` is dropped.
-    pub fn start(db: Arc<DB>) -> Syncer {
+    /// `dir` holds the sync mark ([`crate::db::SYNC_MARK_FILE`]).
+    pub fn start(db: Arc<DB>, dir: &Path) -> Syncer {
         let (tx, rx) = mpsc::channel::<Done>();
         let stats = Arc::new(SyncStats::default());
         let st = stats.clone();
+        let mark = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(dir.join(crate::db::SYNC_MARK_FILE));
+        let mark = match mark {
+            Ok(f) => Some(f),
+            Err(e) => {
+                tracing::error!(
+                    "cannot open the sync mark in {}: {e}; WAL truncation will not be detected",
+                    dir.display()
+                );
+                None
+            }
+        };
         let spawned = std::thread::Builder::new()
             .name("natter-wal-sync".into())
-            .spawn(move || run(db, rx, st));
+            .spawn(move || run(db, rx, st, mark));
         if let Err(e) = spawned {
             // Without the thread every append would wait forever; failing
             // loudly at start is the only honest option.
@@ -76,14 +94,42 @@ impl Syncer {
     }
 }
 
-fn run(db: Arc<DB>, rx: mpsc::Receiver<Done>, stats: Arc<SyncStats>) {
+/// How stale the sync mark may be: a WAL truncation that removes only
+/// writes fsynced within this long before a crash goes undetected.
+pub const MARK_EVERY: Duration = Duration::from_millis(100);
+
+fn run(db: Arc<DB>, rx: mpsc::Receiver<Done>, stats: Arc<SyncStats>, mark: Option<std::fs::File>) {
     use std::sync::atomic::Ordering::Relaxed;
     let mut waiting: Vec<Done> = Vec::new();
-    while let Ok(first) = rx.recv() {
-        waiting.push(first);
+    // Highest sequence number known fsynced, and the one the mark holds.
+    let (mut synced, mut marked) = (0u64, 0u64);
+    let mut marked_at = Instant::now();
+    loop {
+        match rx.recv_timeout(MARK_EVERY) {
+            Ok(first) => waiting.push(first),
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => break,
+        }
+        if synced > marked && marked_at.elapsed() >= MARK_EVERY {
+            if let Some(f) = &mark {
+                match crate::db::write_sync_mark(f, synced) {
+                    Ok(()) => marked = synced,
+                    Err(e) => tracing::error!("writing the sync mark: {e}"),
+                }
+            }
+            marked_at = Instant::now();
+        }
+        if waiting.is_empty() {
+            continue;
+        }
         waiting.extend(rx.try_iter());
         let start = Instant::now();
+        // Every write published by now is in the WAL ahead of this sync.
+        let seq = db.latest_sequence_number();
         let res = db.flush_wal(true);
+        if res.is_ok() {
+            synced = synced.max(seq);
+        }
         stats.fsyncs.fetch_add(1, Relaxed);
         stats.appends.fetch_add(waiting.len() as u64, Relaxed);
         stats

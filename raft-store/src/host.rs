@@ -134,7 +134,7 @@ impl RaftHost {
             StoreError::Corrupt(format!("cannot create {}: {e}", cfg.data_dir.display()))
         })?;
         let db = Arc::new(db::open(&cfg.data_dir, cfg.node_id, cfg.verify_on_open)?);
-        let syncer = Syncer::start(db.clone());
+        let syncer = Syncer::start(db.clone(), &cfg.data_dir);
         let shared = Arc::new(Shared {
             db,
             syncer,

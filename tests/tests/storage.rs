@@ -482,6 +482,52 @@ async fn damaged_data_dir_is_refused_with_an_error_naming_the_problem() {
     check_replicas_equal(&c, &shard_convs).await;
 }
 
+/// Found by the fault-injection suite: RocksDB tolerates a torn WAL tail, so
+/// a WAL cut short used to start as if whole, forgetting fsynced,
+/// acknowledged entries. The node now refuses it.
+#[tokio::test]
+async fn wal_that_lost_acknowledged_writes_is_refused() {
+    let mut c = Cluster::start(ClusterOpts::default()).await.unwrap();
+    let n = natter(&c).await;
+    let conv = n.create_group_on(1, ALICE, &[]).await.unwrap();
+    for i in 0..50 {
+        n.send(&conv, ALICE, &uuid(), &format!("m{i}"))
+            .await
+            .unwrap();
+    }
+    let acked_at = std::time::SystemTime::now();
+    let dir = c.node(3).data_dir.clone();
+    let mark = dir.join("NATTER-SYNCED");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::fs::metadata(&mark)
+        .and_then(|m| m.modified())
+        .map_or(true, |t| t <= acked_at)
+    {
+        assert!(Instant::now() < deadline, "the sync mark was never written");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    c.kill9(3);
+    let mut wals: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "log"))
+        .collect();
+    wals.sort();
+    let wal = wals.last().expect("a WAL file");
+    let len = std::fs::metadata(wal).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(wal)
+        .unwrap()
+        .set_len(len / 2)
+        .unwrap();
+    let log = expect_refusal(&mut c, 3, "a truncated WAL").await;
+    assert!(
+        log.contains("write-ahead log") && log.contains("lost acknowledged writes"),
+        "{log}"
+    );
+}
+
 #[tokio::test]
 async fn malformed_rpcs_get_errors_and_the_node_keeps_serving() {
     use natter_proto::cluster::raft_transport_client::RaftTransportClient;
