@@ -20,6 +20,7 @@ use natter_proto::cluster::{
 };
 use tonic::transport::Channel;
 
+pub mod grpc;
 pub mod natter;
 pub mod router;
 
