@@ -153,6 +153,7 @@ impl Outbound {
     }
 
     pub fn send_json(&self, v: &serde_json::Value) -> bool {
+        crate::metrics::frame_out(v);
         self.send(v.to_string())
     }
 
@@ -161,6 +162,7 @@ impl Outbound {
         if self.closer.is_closed() {
             return false;
         }
+        crate::metrics::frame_out(v);
         self.tx
             .send(Frame::new(v.to_string(), Some(permit)))
             .is_ok()

@@ -119,6 +119,9 @@ struct DeviceState {
     feed_token: u64,
     /// Tracked conversation → token (0 = not synced for this device yet).
     convs: HashMap<String, u64>,
+    /// This round of syncs follows a `resume` (a catch-up, not a live
+    /// push: its delivery latency is not observed).
+    catching_up: bool,
 }
 
 pub struct Hub {
@@ -395,6 +398,7 @@ impl Hub {
         st: &mut DeviceState,
         mut work: Dirty,
     ) -> Result<(), ApiError> {
+        st.catching_up = !work.resumes.is_empty() || work.all;
         for r in std::mem::take(&mut work.resumes) {
             st.live = true;
             for (c, t) in r.conversations {
@@ -502,6 +506,7 @@ impl Hub {
         let mut m = json::feed_page(p);
         m.insert("from_token".into(), json!(from));
         dev.out.send_json(&event("feed", m));
+        crate::metrics::pushed("feed", p.cold_start, std::iter::empty());
     }
 
     /// Pushes the feed's changes since the device's token (a cold start of
@@ -622,6 +627,16 @@ impl Hub {
                 m.insert("from_token".into(), json!(from));
                 m.append(&mut json::conversation_sync(&s));
                 dev.out.send_json(&event("conversation", m));
+                crate::metrics::pushed(
+                    "conversation",
+                    s.cold_start || st.catching_up,
+                    s.changes.iter().filter_map(|c| match &c.change {
+                        Some(pb::conversation_change::Change::Message(m)) if !m.deleted => {
+                            Some(m.created_at_ms)
+                        }
+                        _ => None,
+                    }),
+                );
             }
             st.convs.insert(conv.to_string(), s.token);
             if !s.has_more || s.token == from {
