@@ -52,7 +52,21 @@ fn validate_region(region: &str) -> Res<()> {
             "home_region longer than {MAX_REGION_BYTES} bytes"
         )));
     }
+    if !valid_region(region) {
+        return Err(invalid(
+            "home_region may only contain a-z, 0-9, '-' and '_'",
+        ));
+    }
     Ok(())
+}
+
+/// Whether `region` is a valid home region: empty (served by every
+/// router) or up to [`MAX_REGION_BYTES`] of `[a-z0-9_-]`.
+pub fn valid_region(region: &str) -> bool {
+    region.len() <= MAX_REGION_BYTES
+        && region
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
 }
 
 /// A known privacy value; UNSPECIFIED becomes the default (EVERYONE).

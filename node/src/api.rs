@@ -39,6 +39,28 @@ pub fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// The gRPC metadata key of a client request's trace id, set by routers.
+pub const TRACE_HEADER: &str = "x-natter-trace";
+
+/// The tracing span of an incoming RPC: carries the router's trace id
+/// (`x-natter-trace`) so this node's logs of a request can be found from the
+/// router's; no span for RPCs without one (Raft traffic).
+pub fn trace_span(req: &tonic::codegen::http::Request<()>) -> tracing::Span {
+    match req
+        .headers()
+        .get(TRACE_HEADER)
+        .and_then(|v| v.to_str().ok())
+    {
+        Some(t) => {
+            let t: String = t.chars().take(64).collect();
+            let span = tracing::info_span!("rpc", trace = %t, path = %req.uri().path());
+            tracing::debug!(parent: &span, "request");
+            span
+        }
+        None => tracing::Span::none(),
+    }
+}
+
 /// Puts the leader's clock into a model command.
 pub fn stamp_command(command: &[u8], now_ms: u64) -> Result<Vec<u8>, Status> {
     let mut cmd = pb::Command::decode(command)

@@ -72,6 +72,7 @@ pub async fn run(cfg: config::Config) -> Result<()> {
         tokio::spawn(async move {
             tonic::transport::Server::builder()
                 .tcp_nodelay(true)
+                .trace_fn(api::trace_span)
                 .add_service(host.transport_service())
                 .add_service(NodeServer::new(api).max_decoding_message_size(api::MAX_REQUEST_BYTES))
                 .serve_with_incoming_shutdown(tokio_stream_wrapper(listener), async move {

@@ -59,6 +59,9 @@ pub struct Accounts {
     /// Verified against when the username is unknown, so a miss costs as
     /// much time as a wrong password.
     dummy_hash: String,
+    /// This router's region: new users are homed here; users homed
+    /// elsewhere are sent there at login.
+    regions: crate::region::Regions,
 }
 
 /// Lowercases a username and checks the model's rules (3–32 of
@@ -78,6 +81,16 @@ pub fn normalize_username(name: &str) -> Result<String, ApiError> {
         )));
     }
     Ok(name)
+}
+
+/// The password rule of registration (8–256 bytes).
+pub fn check_password(password: &str) -> Result<(), ApiError> {
+    if !(MIN_PASSWORD_BYTES..=MAX_PASSWORD_BYTES).contains(&password.len()) {
+        return Err(ApiError::invalid(format!(
+            "password must be {MIN_PASSWORD_BYTES} to {MAX_PASSWORD_BYTES} bytes"
+        )));
+    }
+    Ok(())
 }
 
 /// The SHA-256 of a token, or an error for anything that isn't one of ours.
@@ -231,11 +244,18 @@ impl Accounts {
             timeout,
             hashing,
             dummy_hash: String::new(),
+            regions: crate::region::Regions::default(),
         };
         a.dummy_hash = a
             .blocking(|| hash_password("not the password of anyone"))
             .await??;
         Ok(a)
+    }
+
+    /// Sets this router's region (and the routers of the others).
+    pub fn with_regions(mut self, regions: crate::region::Regions) -> Accounts {
+        self.regions = regions;
+        self
     }
 
     fn deadline(&self) -> Instant {
@@ -259,15 +279,6 @@ impl Accounts {
             .map_err(|_| ApiError::Unexpected("a hashing job was lost".into()))
     }
 
-    fn check_password(password: &str) -> Result<(), ApiError> {
-        if !(MIN_PASSWORD_BYTES..=MAX_PASSWORD_BYTES).contains(&password.len()) {
-            return Err(ApiError::invalid(format!(
-                "password must be {MIN_PASSWORD_BYTES} to {MAX_PASSWORD_BYTES} bytes"
-            )));
-        }
-        Ok(())
-    }
-
     /// Creates an account; answers (user id, normalized username).
     pub async fn register(
         &self,
@@ -275,7 +286,7 @@ impl Accounts {
         password: &str,
     ) -> Result<(String, String), ApiError> {
         let username = normalize_username(username)?;
-        Self::check_password(password)?;
+        check_password(password)?;
         let pw = password.to_string();
         let hash = self.blocking(move || hash_password(&pw)).await??;
         let user_id = uuid::Uuid::new_v4().to_string();
@@ -311,6 +322,7 @@ impl Accounts {
                     user_id: user_id.clone(),
                     username: username.clone(),
                     password_hash: hash,
+                    home_region: self.regions.mine.clone(),
                     ..Default::default()
                 }),
                 deadline,
@@ -352,6 +364,9 @@ impl Accounts {
             Some(u) if ok => u,
             _ => return Err(bad_credentials()),
         };
+        // Only with the right password does a client learn where the user
+        // is homed; no session is created here for a user of another region.
+        self.regions.check(&user.home_region)?;
         let (token, hash) = new_token();
         let created = self
             .cluster

@@ -274,12 +274,16 @@ impl Cluster {
             Ok(c) => c,
             Err(e) => return Attempt::Failed(None, e.to_string()),
         };
+        let trace = crate::metrics::current_trace();
         let call = async {
             if propose {
-                c.propose(ProposeRequest {
-                    shard,
-                    command: payload.to_vec(),
-                })
+                c.propose(traced(
+                    ProposeRequest {
+                        shard,
+                        command: payload.to_vec(),
+                    },
+                    &trace,
+                ))
                 .await
                 .map(|r| match r.into_inner().result {
                     Some(propose_reply::Result::Response(b)) => Ok(b),
@@ -287,11 +291,14 @@ impl Cluster {
                     None => Err(Default::default()),
                 })
             } else {
-                c.read(ReadRequest {
-                    shard,
-                    query: payload.to_vec(),
-                    consistency: Consistency::Linearizable as i32,
-                })
+                c.read(traced(
+                    ReadRequest {
+                        shard,
+                        query: payload.to_vec(),
+                        consistency: Consistency::Linearizable as i32,
+                    },
+                    &trace,
+                ))
                 .await
                 .map(|r| match r.into_inner().result {
                     Some(read_reply::Result::Response(b)) => Ok(b),
@@ -389,6 +396,14 @@ impl Cluster {
 
     /// Proposes a model operation to the shard its route key names.
     pub async fn exec(&self, op: Op, deadline: Instant) -> Result<R, ClusterError> {
+        let name = crate::metrics::op_name(&op);
+        let started = Instant::now();
+        let r = self.exec_inner(op, deadline).await;
+        crate::metrics::cluster_request(name, r.is_ok(), started.elapsed());
+        r
+    }
+
+    async fn exec_inner(&self, op: Op, deadline: Instant) -> Result<R, ClusterError> {
         let cmd = pb::Command {
             stamp: None,
             op: Some(op),
@@ -405,6 +420,14 @@ impl Cluster {
 
     /// Asks a model query (linearizable) of the shard its route key names.
     pub async fn query(&self, q: Q, deadline: Instant) -> Result<R, ClusterError> {
+        let name = crate::metrics::query_name(&q);
+        let started = Instant::now();
+        let r = self.query_inner(q, deadline).await;
+        crate::metrics::cluster_request(name, r.is_ok(), started.elapsed());
+        r
+    }
+
+    async fn query_inner(&self, q: Q, deadline: Instant) -> Result<R, ClusterError> {
         let q = pb::Query {
             now_ms: 0,
             q: Some(q),
@@ -418,6 +441,17 @@ impl Cluster {
             .await?;
         decode(&raw)
     }
+}
+
+/// A gRPC request carrying the client request's trace id, if any.
+fn traced<T>(msg: T, trace: &Option<String>) -> tonic::Request<T> {
+    let mut req = tonic::Request::new(msg);
+    if let Some(t) = trace {
+        if let Ok(v) = t.parse() {
+            req.metadata_mut().insert(crate::metrics::TRACE_HEADER, v);
+        }
+    }
+    req
 }
 
 fn decode(raw: &[u8]) -> Result<R, ClusterError> {

@@ -6,9 +6,14 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use std::collections::BTreeMap;
+
+use anyhow::{anyhow, bail, Context, Result};
 use clap::Parser;
 use serde::Deserialize;
+
+use crate::limits::LimitsConfig;
+use crate::region::Regions;
 
 #[derive(Debug, Parser)]
 #[command(name = "natter-router", about = "Natter's regional router")]
@@ -67,6 +72,42 @@ pub struct Flags {
     /// Log as JSON lines.
     #[arg(long, env = "NATTER_ROUTER_LOG_JSON")]
     pub log_json: bool,
+    /// Log format: `text` (default) or `json` (JSON lines, like --log-json).
+    #[arg(long, env = "NATTER_ROUTER_LOG_FORMAT")]
+    pub log_format: Option<String>,
+    /// This router's region (default "local"); it serves users homed there.
+    #[arg(long, env = "NATTER_ROUTER_REGION")]
+    pub region: Option<String>,
+    /// A router of another region, `NAME=URL` (repeatable; comma-separated
+    /// in the environment): users homed in NAME are sent there.
+    #[arg(
+        long = "region-router",
+        env = "NATTER_ROUTER_REGION_ROUTERS",
+        value_delimiter = ','
+    )]
+    pub region_routers: Vec<String>,
+    /// An abuse limit, `NAME=COUNT/s|m|h[:BURST]` or `NAME=off` (repeatable;
+    /// comma-separated in the environment). Names: send_device, send_user,
+    /// upload_device, upload_user, login_user, login_ip, register_ip,
+    /// connect_ip, connect_user.
+    #[arg(
+        long = "rate-limit",
+        env = "NATTER_ROUTER_RATE_LIMITS",
+        value_delimiter = ','
+    )]
+    pub rate_limits: Vec<String>,
+    /// Consecutive failed logins of a username before lockouts start.
+    #[arg(long, env = "NATTER_ROUTER_LOGIN_LOCKOUT_AFTER")]
+    pub login_lockout_after: Option<u32>,
+    /// Consecutive failed logins from one client IP before lockouts start.
+    #[arg(long, env = "NATTER_ROUTER_LOGIN_LOCKOUT_AFTER_IP")]
+    pub login_lockout_after_ip: Option<u32>,
+    /// First lockout window, in milliseconds (doubles per further failure).
+    #[arg(long, env = "NATTER_ROUTER_LOGIN_LOCKOUT_BASE_MS")]
+    pub login_lockout_base_ms: Option<u64>,
+    /// Longest lockout window, in seconds.
+    #[arg(long, env = "NATTER_ROUTER_LOGIN_LOCKOUT_MAX_SECS")]
+    pub login_lockout_max_secs: Option<u64>,
 }
 
 /// The TOML file's shape: the same names as the flags, in snake_case.
@@ -88,6 +129,16 @@ pub struct FileConfig {
     pub hash_concurrency: Option<usize>,
     pub shutdown_grace_secs: Option<u64>,
     pub log_json: Option<bool>,
+    pub log_format: Option<String>,
+    pub region: Option<String>,
+    /// Region → router URL.
+    pub region_routers: Option<BTreeMap<String, String>>,
+    /// Limit name → `COUNT/UNIT[:BURST]` or `off`.
+    pub rate_limits: Option<BTreeMap<String, String>>,
+    pub login_lockout_after: Option<u32>,
+    pub login_lockout_after_ip: Option<u32>,
+    pub login_lockout_base_ms: Option<u64>,
+    pub login_lockout_max_secs: Option<u64>,
 }
 
 /// The resolved configuration.
@@ -103,6 +154,8 @@ pub struct Config {
     pub hash_concurrency: usize,
     pub shutdown_grace: Duration,
     pub log_json: bool,
+    pub regions: Regions,
+    pub limits: LimitsConfig,
 }
 
 /// Per-connection limits of the WebSocket API.
@@ -220,6 +273,47 @@ impl Config {
                     .clamp(3, DAY_SECS),
             ),
         };
+        let log_json = match flags.log_format.as_deref().or(file.log_format.as_deref()) {
+            None | Some("text") => flags.log_json || file.log_json.unwrap_or(false),
+            Some("json") => true,
+            Some(other) => bail!("--log-format must be text or json, not {other:?}"),
+        };
+        let mut regions = Regions::default();
+        if let Some(r) = flags.region.or(file.region) {
+            crate::region::check_name(&r).map_err(|e| anyhow!("--region: {e}"))?;
+            regions.mine = r;
+        }
+        for (name, url) in file.region_routers.unwrap_or_default() {
+            let (n, u) = crate::region::parse_region_router(&format!("{name}={url}"))
+                .map_err(|e| anyhow!("region_routers: {e}"))?;
+            regions.routers.insert(n, u);
+        }
+        for spec in &flags.region_routers {
+            let (n, u) = crate::region::parse_region_router(spec)
+                .map_err(|e| anyhow!("--region-router: {e}"))?;
+            regions.routers.insert(n, u);
+        }
+        let mut limits = LimitsConfig::default();
+        for (name, spec) in file.rate_limits.unwrap_or_default() {
+            limits
+                .set(&format!("{name}={spec}"))
+                .map_err(|e| anyhow!("rate_limits: {e}"))?;
+        }
+        for spec in &flags.rate_limits {
+            limits.set(spec).map_err(|e| anyhow!("--rate-limit: {e}"))?;
+        }
+        if let Some(n) = flags.login_lockout_after.or(file.login_lockout_after) {
+            limits.lockout_after = n.max(1);
+        }
+        if let Some(n) = flags.login_lockout_after_ip.or(file.login_lockout_after_ip) {
+            limits.lockout_after_ip = n.max(1);
+        }
+        if let Some(ms) = flags.login_lockout_base_ms.or(file.login_lockout_base_ms) {
+            limits.lockout_base = Duration::from_millis(ms.clamp(1, DAY_SECS * 1000));
+        }
+        if let Some(s) = flags.login_lockout_max_secs.or(file.login_lockout_max_secs) {
+            limits.lockout_max = Duration::from_secs(s.clamp(1, DAY_SECS));
+        }
         Ok(Config {
             listen: flags
                 .listen
@@ -255,7 +349,9 @@ impl Config {
                     .unwrap_or(5)
                     .min(600),
             ),
-            log_json: flags.log_json || file.log_json.unwrap_or(false),
+            log_json,
+            regions,
+            limits,
         })
     }
 }

@@ -196,6 +196,7 @@ impl Outbound {
     }
 
     pub fn send_json(&self, v: &serde_json::Value) -> bool {
+        crate::metrics::frame_out(v);
         self.send(v.to_string())
     }
 
@@ -204,6 +205,7 @@ impl Outbound {
         if self.closer.is_closed() {
             return false;
         }
+        crate::metrics::frame_out(v);
         self.tx
             .send(Frame::new(v.to_string(), Some(permit)))
             .is_ok()

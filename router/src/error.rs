@@ -25,6 +25,22 @@ pub enum ApiError {
     /// A reply the router did not expect (a bug or a version mismatch).
     #[error("unexpected reply: {0}")]
     Unexpected(String),
+    /// An abuse limit (`limits`): try again after `retry_after_ms`.
+    #[error("{message}")]
+    RateLimited {
+        message: String,
+        retry_after_ms: u64,
+    },
+    /// The user is homed in another region (`region`): use a router there.
+    #[error("user is homed in region {home_region:?}: use a router of that region")]
+    WrongRegion {
+        home_region: String,
+        /// A router of that region, when this router knows one.
+        router_url: Option<String>,
+    },
+    /// A request body above the size limit.
+    #[error("{0}")]
+    TooLarge(String),
 }
 
 impl ApiError {
@@ -62,6 +78,9 @@ impl ApiError {
             ApiError::Unauthenticated(_) => "unauthenticated",
             ApiError::Unavailable(_) => "unavailable",
             ApiError::Unexpected(_) => "internal",
+            ApiError::RateLimited { .. } => "rate_limited",
+            ApiError::WrongRegion { .. } => "wrong_region",
+            ApiError::TooLarge(_) => "too_large",
         }
     }
 
@@ -74,12 +93,31 @@ impl ApiError {
             "unauthenticated" => StatusCode::UNAUTHORIZED,
             "unavailable" => StatusCode::SERVICE_UNAVAILABLE,
             "timeout" => StatusCode::GATEWAY_TIMEOUT,
+            "rate_limited" => StatusCode::TOO_MANY_REQUESTS,
+            "wrong_region" => StatusCode::MISDIRECTED_REQUEST,
+            "too_large" => StatusCode::PAYLOAD_TOO_LARGE,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 
+    /// The `error` object: code, message, and the fields some codes add
+    /// (`retry_after_ms`; `home_region`, `router_url`).
     pub fn json(&self) -> serde_json::Value {
-        serde_json::json!({"code": self.code(), "message": self.to_string()})
+        let mut v = serde_json::json!({"code": self.code(), "message": self.to_string()});
+        match self {
+            ApiError::RateLimited { retry_after_ms, .. } => {
+                v["retry_after_ms"] = serde_json::json!(retry_after_ms);
+            }
+            ApiError::WrongRegion {
+                home_region,
+                router_url,
+            } => {
+                v["home_region"] = serde_json::json!(home_region);
+                v["router_url"] = serde_json::json!(router_url);
+            }
+            _ => {}
+        }
+        v
     }
 }
 

@@ -6,18 +6,25 @@ use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use axum::extract::rejection::{JsonRejection, QueryRejection};
+use std::net::SocketAddr;
+
+use axum::body::Bytes;
+use axum::extract::rejection::{BytesRejection, QueryRejection};
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::WebSocketUpgrade;
+use axum::extract::{ConnectInfo, Request};
 use axum::extract::{DefaultBodyLimit, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Json;
-use serde::Deserialize;
 use serde_json::json;
+use tracing::Instrument;
 
 use crate::error::ApiError;
+use crate::frame::{bearer_token, parse_credentials};
+use crate::metrics;
 use crate::AppState;
 
 /// Largest body of an HTTP request.
@@ -25,12 +32,58 @@ pub const MAX_BODY_BYTES: usize = 16 * 1024;
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.status(), Json(json!({"error": self.json()}))).into_response()
+        let mut r = (self.status(), Json(json!({"error": self.json()}))).into_response();
+        if let ApiError::RateLimited { retry_after_ms, .. } = &self {
+            // Whole seconds, rounded up (RFC 9110 Retry-After).
+            let secs = retry_after_ms.div_ceil(1000).max(1);
+            if let Ok(v) = header::HeaderValue::from_str(&secs.to_string()) {
+                r.headers_mut().insert(header::RETRY_AFTER, v);
+            }
+        }
+        r
     }
 }
 
-fn bad_body(e: JsonRejection) -> ApiError {
-    ApiError::invalid(format!("bad request body: {}", e.body_text()))
+/// The body of a request, or `too_large` / `invalid_argument`.
+fn body_bytes(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
+    body.map_err(|e| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::TooLarge(format!("request body above {MAX_BODY_BYTES} bytes"))
+        } else {
+            ApiError::invalid(format!("bad request body: {}", e.body_text()))
+        }
+    })
+}
+
+/// Gives every HTTP request a trace id (carried to the nodes), counts the
+/// account endpoints' answers.
+async fn observe(req: Request, next: Next) -> Response {
+    let endpoint = match req.uri().path() {
+        "/v1/register" => Some("register"),
+        "/v1/login" => Some("login"),
+        "/v1/logout" => Some("logout"),
+        "/v1/ws" => Some("ws"),
+        _ => None,
+    };
+    let trace = metrics::new_trace_id();
+    let span = tracing::debug_span!("http", trace = %trace, path = %req.uri().path());
+    let resp = metrics::TRACE
+        .scope(trace, next.run(req).instrument(span))
+        .await;
+    if let Some(e) = endpoint {
+        metrics::http_request(e, resp.status().as_u16());
+    }
+    resp
+}
+
+async fn metrics_text() -> impl IntoResponse {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        metrics::render(),
+    )
 }
 
 pub fn routes(state: Arc<AppState>) -> axum::Router {
@@ -41,24 +94,19 @@ pub fn routes(state: Arc<AppState>) -> axum::Router {
         .route("/v1/ws", get(websocket))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics_text))
+        .layer(middleware::from_fn(observe))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state)
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Credentials {
-    username: String,
-    password: String,
-    #[serde(default)]
-    device: String,
-}
-
 async fn register(
     State(st): State<Arc<AppState>>,
-    body: Result<Json<Credentials>, JsonRejection>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    body: Result<Bytes, BytesRejection>,
 ) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
-    let Json(c) = body.map_err(bad_body)?;
+    st.limits.check_register(peer.ip())?;
+    let c = parse_credentials(&body_bytes(body)?)?;
     let (user_id, username) = st.accounts.register(&c.username, &c.password).await?;
     tracing::info!(user = %user_id, "registered");
     Ok((
@@ -69,13 +117,26 @@ async fn register(
 
 async fn login(
     State(st): State<Arc<AppState>>,
-    body: Result<Json<Credentials>, JsonRejection>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let Json(c) = body.map_err(bad_body)?;
-    let l = st
-        .accounts
-        .login(&c.username, &c.password, &c.device)
-        .await?;
+    let c = parse_credentials(&body_bytes(body)?)?;
+    st.limits.check_login(&c.username, peer.ip())?;
+    let l = match st.accounts.login(&c.username, &c.password, &c.device).await {
+        Ok(l) => l,
+        Err(e @ ApiError::Unauthenticated(_)) => {
+            metrics::auth_failure("login");
+            st.limits.login_failed(&c.username, peer.ip());
+            return Err(e);
+        }
+        Err(e @ ApiError::WrongRegion { .. }) => {
+            // The password was right.
+            st.limits.login_succeeded(&c.username);
+            return Err(e);
+        }
+        Err(e) => return Err(e),
+    };
+    st.limits.login_succeeded(&c.username);
     Ok(Json(json!({
         "token": l.token,
         "user_id": l.user_id,
@@ -90,15 +151,7 @@ fn token(
     query: &Result<Query<HashMap<String, String>>, QueryRejection>,
 ) -> Result<String, ApiError> {
     if let Some(v) = headers.get(header::AUTHORIZATION) {
-        let v = v
-            .to_str()
-            .map_err(|_| ApiError::Unauthenticated("malformed Authorization header".into()))?;
-        return match v.split_once(' ') {
-            Some((scheme, t)) if scheme.eq_ignore_ascii_case("bearer") => Ok(t.trim().to_string()),
-            _ => Err(ApiError::Unauthenticated(
-                "Authorization must be \"Bearer <token>\"".into(),
-            )),
-        };
+        return bearer_token(v.as_bytes());
     }
     if let Ok(Query(q)) = query {
         if let Some(t) = q.get("token") {
@@ -110,19 +163,40 @@ fn token(
     ))
 }
 
+/// Checks a request's session; counts refusals.
+async fn session_of(
+    st: &AppState,
+    headers: &HeaderMap,
+    query: &Result<Query<HashMap<String, String>>, QueryRejection>,
+) -> Result<crate::auth::SessionInfo, ApiError> {
+    let r = match token(headers, query) {
+        Ok(t) => st.accounts.authenticate(&t).await,
+        Err(e) => Err(e),
+    };
+    if let Err(ApiError::Unauthenticated(_)) = &r {
+        metrics::auth_failure("token");
+    }
+    r
+}
+
 async fn logout(
     State(st): State<Arc<AppState>>,
     headers: HeaderMap,
     query: Result<Query<HashMap<String, String>>, QueryRejection>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let t = token(&headers, &query)?;
-    let s = st.accounts.logout(&t).await?;
+    let s = st.accounts.logout(&t).await.inspect_err(|e| {
+        if matches!(e, ApiError::Unauthenticated(_)) {
+            metrics::auth_failure("token");
+        }
+    })?;
     st.hub.end_session(&s.token_hash);
     Ok(Json(json!({})))
 }
 
 async fn websocket(
     State(st): State<Arc<AppState>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
     query: Result<Query<HashMap<String, String>>, QueryRejection>,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
@@ -130,10 +204,16 @@ async fn websocket(
     if st.draining.load(Ordering::Acquire) {
         return Err(ApiError::Unavailable("the router is shutting down".into()));
     }
-    let t = token(&headers, &query)?;
-    let session = st.accounts.authenticate(&t).await?;
+    st.limits.check_connect_ip(peer.ip())?;
+    let session = session_of(&st, &headers, &query).await?;
+    st.limits.check_connect_user(&session.user_id)?;
     let upgrade = upgrade
         .map_err(|e| ApiError::invalid(format!("not a WebSocket upgrade: {}", e.body_text())))?;
+    let deadline = std::time::Instant::now() + st.config.request_timeout;
+    let home = crate::region::home_region(&st.cluster, &session.user_id, deadline).await?;
+    if let Err(e) = st.config.regions.check(&home) {
+        return Ok(upgrade.on_upgrade(move |socket| crate::region::refuse(socket, e)));
+    }
     let hard = st.config.ws.hard_max_bytes;
     let tracker = st.tasks.clone();
     Ok(upgrade

@@ -16,6 +16,10 @@
 //! * [`ws`] — one WebSocket connection: frames, errors, limits.
 //! * [`http`] — the HTTP endpoints.
 //! * [`grpc`] — the client API over gRPC (same port, HTTP/2).
+//! * [`frame`] — pure parsers of client input (frames, bodies, tokens).
+//! * [`limits`] — abuse limits (rates per device/user/IP, login lockouts).
+//! * [`metrics`] — Prometheus metrics and per-request trace ids.
+//! * [`region`] — home regions: serve ours, send the others elsewhere.
 
 pub mod auth;
 pub mod cluster;
@@ -23,10 +27,14 @@ pub mod config;
 pub mod conn;
 pub mod error;
 pub mod grpc;
+pub mod frame;
 pub mod http;
 pub mod json;
+pub mod limits;
+pub mod metrics;
 pub mod ops;
 pub mod push;
+pub mod region;
 pub mod ws;
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -39,6 +47,7 @@ use tokio_util::task::TaskTracker;
 use crate::auth::Accounts;
 use crate::cluster::Cluster;
 use crate::config::Config;
+use crate::limits::Limits;
 use crate::push::Hub;
 
 /// What every handler shares.
@@ -54,6 +63,8 @@ pub struct AppState {
     pub draining: AtomicBool,
     /// The open WebSocket connections.
     pub tasks: TaskTracker,
+    /// Abuse limits.
+    pub limits: Limits,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -79,10 +90,12 @@ pub async fn serve(
         config.request_timeout,
         config.hash_concurrency,
     )
-    .await?;
+    .await?
+    .with_regions(config.regions.clone());
     let hub = Hub::new(cluster.clone(), config.push_page, config.request_timeout);
     let watchers_stop = CancellationToken::new();
     let watchers = tokio::spawn(hub.clone().watch_cluster(watchers_stop.clone()));
+    let config_limits = config.limits.clone();
     let state = Arc::new(AppState {
         config,
         cluster,
@@ -91,15 +104,31 @@ pub async fn serve(
         conns: CancellationToken::new(),
         draining: AtomicBool::new(false),
         tasks: TaskTracker::new(),
+        limits: Limits::new(&config_limits),
     });
+    let sweeper = {
+        let state = state.clone();
+        let stop = watchers_stop.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(60)) => state.limits.sweep(),
+                    _ = stop.cancelled() => return,
+                }
+            }
+        })
+    };
     let app = http::routes(state.clone()).merge(grpc::routes(state.clone()));
     let http_stop = CancellationToken::new();
     let server = {
         let http_stop = http_stop.clone();
         tokio::spawn(async move {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(http_stop.cancelled_owned())
-                .await
+            axum::serve(
+                listener,
+                app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+            )
+            .with_graceful_shutdown(http_stop.cancelled_owned())
+            .await
         })
     };
     stop.cancelled().await;
@@ -121,6 +150,7 @@ pub async fn serve(
     }
     watchers_stop.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(1), watchers).await;
+    let _ = sweeper.await;
     match tokio::time::timeout(grace, server).await {
         Ok(Ok(r)) => r?,
         Ok(Err(e)) => tracing::warn!("HTTP server task failed: {e}"),

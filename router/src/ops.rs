@@ -211,7 +211,7 @@ pub const OPS: &[&str] = &[
     "update_settings",
 ];
 
-fn parse_role(r: &str) -> Result<i32, ApiError> {
+pub fn parse_role(r: &str) -> Result<i32, ApiError> {
     match r {
         "member" => Ok(pb::Role::Member as i32),
         "admin" => Ok(pb::Role::Admin as i32),
@@ -219,7 +219,7 @@ fn parse_role(r: &str) -> Result<i32, ApiError> {
     }
 }
 
-fn parse_privacy(p: &str) -> Result<i32, ApiError> {
+pub fn parse_privacy(p: &str) -> Result<i32, ApiError> {
     match p {
         "everyone" => Ok(pb::Privacy::Everyone as i32),
         "friends_of_friends" => Ok(pb::Privacy::FriendsOfFriends as i32),
@@ -230,7 +230,7 @@ fn parse_privacy(p: &str) -> Result<i32, ApiError> {
     }
 }
 
-fn parse_notifications(n: &str) -> Result<i32, ApiError> {
+pub fn parse_notifications(n: &str) -> Result<i32, ApiError> {
     match n {
         "all" => Ok(pb::Notifications::All as i32),
         "direct_only" => Ok(pb::Notifications::DirectOnly as i32),
@@ -268,7 +268,7 @@ const MUTUAL_SCAN: usize = 1000;
 /// reply stays a few MB at most (0 = the model's default, 50).
 pub const MAX_MESSAGE_PAGE: u32 = 100;
 
-fn message_page(limit: u32) -> Result<u32, ApiError> {
+pub fn message_page(limit: u32) -> Result<u32, ApiError> {
     if limit > MAX_MESSAGE_PAGE {
         return Err(ApiError::Model {
             code: ErrorCode::LimitExceeded,

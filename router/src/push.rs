@@ -119,6 +119,9 @@ struct DeviceState {
     feed_token: u64,
     /// Tracked conversation → token (0 = not synced for this device yet).
     convs: HashMap<String, u64>,
+    /// This round of syncs follows a `resume` (a catch-up, not a live
+    /// push: its delivery latency is not observed).
+    catching_up: bool,
 }
 
 pub struct Hub {
@@ -492,6 +495,7 @@ impl Hub {
         st: &mut DeviceState,
         mut work: Dirty,
     ) -> Result<(), ApiError> {
+        st.catching_up = !work.resumes.is_empty() || work.all;
         for r in std::mem::take(&mut work.resumes) {
             st.live = true;
             for (c, t) in r.conversations {
@@ -600,6 +604,7 @@ impl Hub {
             from_token: from,
             page: p.clone(),
         });
+        crate::metrics::pushed("feed", p.cold_start, std::iter::empty());
     }
 
     /// Pushes the feed's changes since the device's token (a cold start of
@@ -718,6 +723,16 @@ impl Hub {
                     from_token: from,
                     sync: s.clone(),
                 });
+                crate::metrics::pushed(
+                    "conversation",
+                    s.cold_start || st.catching_up,
+                    s.changes.iter().filter_map(|c| match &c.change {
+                        Some(pb::conversation_change::Change::Message(m)) if !m.deleted => {
+                            Some(m.created_at_ms)
+                        }
+                        _ => None,
+                    }),
+                );
             }
             st.convs.insert(conv.to_string(), s.token);
             if !s.has_more || s.token == from {

@@ -14,37 +14,23 @@ use futures::stream::{SplitSink, SplitStream};
 use futures::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, Semaphore};
+use tracing::Instrument;
 
 use crate::auth::SessionInfo;
 use crate::conn::{close, Closer, Frame, Outbound};
 use crate::error::ApiError;
-use crate::ops::{Ops, Request, OPS};
-use crate::push::{Device, Resume, MAX_TRACKED};
+use crate::frame::{bad, parse_frame, BadFrame, Parsed};
+use crate::ops::{Ops, Request};
+use crate::push::{Device, Resume};
 use crate::AppState;
 
 /// Longest a single frame write may block before the client counts as gone.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(20);
-/// Longest request id accepted, in bytes.
-pub const MAX_ID_BYTES: usize = 64;
+pub use crate::frame::MAX_ID_BYTES;
 /// Time to flush queued frames (an error, `reconnect`) before closing.
 const FLUSH_ON_CLOSE: Duration = Duration::from_secs(1);
 /// Time a closing connection waits for the client's close frame.
 const DRAIN_ON_CLOSE: Duration = Duration::from_secs(2);
-
-/// A frame answered with an error, counted against the connection.
-struct BadFrame {
-    id: Value,
-    code: &'static str,
-    message: String,
-}
-
-fn bad(id: &Value, code: &'static str, message: impl Into<String>) -> BadFrame {
-    BadFrame {
-        id: id.clone(),
-        code,
-        message: message.into(),
-    }
-}
 
 pub fn reply_ok(id: &Value, ok: Value) -> Value {
     json!({"v": 1, "id": id, "ok": ok})
@@ -71,6 +57,7 @@ pub async fn serve(state: Arc<AppState>, socket: WebSocket, session: SessionInfo
         .hub
         .register(&session.user_id, session.token_hash, out.clone());
     tracing::debug!(device = dev.id, user = %session.user_id, "connected");
+    crate::metrics::connection_opened();
     let (sink, stream) = socket.split();
     let writer = tokio::spawn(write_loop(
         sink,
@@ -98,6 +85,7 @@ pub async fn serve(state: Arc<AppState>, socket: WebSocket, session: SessionInfo
     }
     let _ = writer.await;
     watchdog.abort();
+    crate::metrics::connection_closed();
     tracing::debug!(device = dev.id, reason = ?closer.reason(), "disconnected");
 }
 
@@ -248,6 +236,7 @@ async fn read_loop(
             Ok(()) => errors = 0,
             Err(b) => {
                 errors += 1;
+                crate::metrics::frame_in(b.op.unwrap_or("invalid"), b.code);
                 out.send_json(&reply_err(&b.id, b.code, &b.message));
                 if errors >= limits.max_errors {
                     closer.close(close::POLICY, "too many bad frames in a row");
@@ -266,58 +255,22 @@ async fn handle_text(
     permits: &Arc<Semaphore>,
     text: &str,
 ) -> Result<(), BadFrame> {
-    let null = Value::Null;
-    let max = state.config.ws.max_frame_bytes;
-    if text.len() > max {
-        return Err(bad(
-            &null,
-            "too_large",
-            format!(
-                "frame of {} bytes is above the {max}-byte limit",
-                text.len()
-            ),
-        ));
-    }
-    let mut map = match serde_json::from_str::<Value>(text) {
-        Ok(Value::Object(m)) => m,
-        Ok(_) => return Err(bad(&null, "bad_frame", "a frame must be a JSON object")),
-        Err(e) => return Err(bad(&null, "bad_frame", format!("malformed JSON: {e}"))),
-    };
-    let id = match map.remove("id") {
-        Some(Value::String(s)) if s.len() <= MAX_ID_BYTES => Value::String(s),
-        Some(Value::Number(n)) => Value::Number(n),
-        _ => {
-            return Err(bad(
-                &null,
-                "bad_frame",
-                format!("\"id\" must be a number or a string of at most {MAX_ID_BYTES} bytes"),
-            ))
+    let Parsed { id, op, req } = parse_frame(text, state.config.ws.max_frame_bytes)?;
+    if let Request::Send { .. } = &req {
+        // Abuse limits: not a bad frame; the connection stays usable.
+        if let Err(e) = state.limits.check_send(&dev.user_id, &dev.token_hash) {
+            crate::metrics::frame_in(op, e.code());
+            out.send_json(&json!({"v": 1, "id": id, "error": e.json()}));
+            return Ok(());
         }
-    };
-    match map.remove("v") {
-        Some(v) if v == json!(1) => {}
-        Some(_) => {
-            return Err(bad(
-                &id,
-                "unsupported_version",
-                "this router speaks protocol version 1",
-            ))
-        }
-        None => return Err(bad(&id, "bad_frame", "\"v\" is required")),
     }
-    let op = match map.get("op") {
-        Some(Value::String(op)) => op.clone(),
-        _ => return Err(bad(&id, "bad_frame", "\"op\" must be a string")),
-    };
-    if !OPS.contains(&op.as_str()) {
-        return Err(bad(
-            &id,
-            "unknown_op",
-            format!("unknown op {:?}", op.chars().take(64).collect::<String>()),
-        ));
+    let local = matches!(
+        req,
+        Request::Ping {} | Request::Resume { .. } | Request::Typing { .. }
+    );
+    if local {
+        crate::metrics::frame_in(op, "ok");
     }
-    let req: Request = serde_json::from_value(Value::Object(map))
-        .map_err(|e| bad(&id, "invalid_argument", format!("{op}: {e}")))?;
     match req {
         Request::Ping {} => {
             out.send_json(&reply_ok(&id, json!({})));
@@ -326,13 +279,6 @@ async fn handle_text(
             feed_token,
             conversations,
         } => {
-            if conversations.len() > MAX_TRACKED {
-                return Err(bad(
-                    &id,
-                    "invalid_argument",
-                    format!("resume: at most {MAX_TRACKED} conversations"),
-                ));
-            }
             out.send_json(&reply_ok(&id, json!({})));
             dev.resume(Resume {
                 feed_token,
@@ -357,23 +303,30 @@ async fn handle_text(
                 _ = out.closer().closed() => return Ok(()),
             };
             let (state, out, me) = (state.clone(), out.clone(), dev.user_id.clone());
-            tokio::spawn(async move {
+            let trace = crate::metrics::new_trace_id();
+            let span = tracing::debug_span!("request", trace = %trace, op, device = dev.id);
+            let run = async move {
                 let ops = Ops {
                     cluster: &state.cluster,
                     me: &me,
                     deadline: Instant::now() + state.config.request_timeout,
                 };
                 let reply = match ops.run(req).await {
-                    Ok(ok) => reply_ok(&id, ok),
+                    Ok(ok) => {
+                        crate::metrics::frame_in(op, "ok");
+                        reply_ok(&id, ok)
+                    }
                     Err(e) => {
                         if e.code() == "internal" {
                             tracing::warn!("request failed: {e}");
                         }
+                        crate::metrics::frame_in(op, e.code());
                         reply_err(&id, e.code(), &e.to_string())
                     }
                 };
                 out.reply(&reply, permit);
-            });
+            };
+            tokio::spawn(crate::metrics::TRACE.scope(trace, run.instrument(span)));
         }
     }
     Ok(())

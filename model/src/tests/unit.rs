@@ -1111,6 +1111,29 @@ fn usernames_and_users() {
     assert_eq!(code(&r), ErrorCode::InvalidArgument);
     let got = want!(w.ask(Q::GetUser(pb::GetUser { user_id: a.clone() })), User);
     assert_eq!(got.home_region, "eu-west");
+    // Home regions are names of [a-z0-9_-], at most 64 bytes.
+    for (bad, want) in [
+        ("EU", ErrorCode::InvalidArgument),
+        ("eu west", ErrorCode::InvalidArgument),
+        ("é", ErrorCode::InvalidArgument),
+        (&*"r".repeat(65), ErrorCode::LimitExceeded),
+    ] {
+        let r = w.exec(Op::UpdateUserSettings(pb::UpdateUserSettings {
+            user_id: a.clone(),
+            home_region: Some(bad.to_string()),
+            ..Default::default()
+        }));
+        assert_eq!(code(&r), want, "{bad:?}");
+        let r = w.exec(Op::CreateUser(pb::CreateUser {
+            user_id: b.clone(),
+            username: "bob".into(),
+            home_region: bad.to_string(),
+            ..create.clone()
+        }));
+        assert_eq!(code(&r), want, "{bad:?}");
+    }
+    let got = want!(w.ask(Q::GetUser(pb::GetUser { user_id: a.clone() })), User);
+    assert_eq!(got.home_region, "eu-west");
     assert_eq!(
         code(&w.ask(Q::GetUser(pb::GetUser { user_id: b.clone() }))),
         ErrorCode::NotFound
