@@ -38,10 +38,16 @@ pub const MAX_REQUEST_BYTES: usize = 1024 * 1024;
 /// Metadata key of the protocol's error code in an error status.
 pub const ERROR_CODE_KEY: &str = "natter-error";
 
-/// The gRPC service, to merge into the router's axum router.
+/// The gRPC service, to merge into the router's axum router: only its own
+/// paths (`/natter.client.Natter/<method>`), so every other path keeps the
+/// HTTP router's answers (an unknown one is a plain 404).
 pub fn routes(state: Arc<AppState>) -> axum::Router {
     let svc = NatterServer::new(Api { state }).max_decoding_message_size(MAX_REQUEST_BYTES);
-    tonic::service::Routes::new(svc).into_axum_router()
+    let path = format!(
+        "/{}/{{*method}}",
+        <NatterServer<Api> as tonic::server::NamedService>::NAME
+    );
+    axum::Router::new().route_service(&path, svc)
 }
 
 /// The gRPC status of an error: the code maps the protocol's code

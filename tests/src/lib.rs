@@ -23,6 +23,7 @@ use tonic::transport::Channel;
 pub mod grpc;
 pub mod natter;
 pub mod router;
+pub mod sdk;
 
 /// Directory holding the workspace's binaries.
 pub fn bin_dir() -> PathBuf {

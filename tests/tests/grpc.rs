@@ -13,7 +13,7 @@ use natter_model::pb;
 use natter_proto::client as cp;
 use natter_proto::client::event::Event as E;
 use natter_tests::grpc::{account, api, authed, error_code, next_event, Api};
-use natter_tests::router::{Client, RouterProc};
+use natter_tests::router::{http, Client, RouterProc};
 use natter_tests::{Cluster, ClusterOpts};
 use serde_json::json;
 use tonic::Code;
@@ -141,6 +141,11 @@ async fn every_operation_over_grpc_with_push_resume_and_mapped_errors() {
     let mut r2 = router(&c, "router2", &[]).await;
     let mut a1 = api(&r1.addr).await.unwrap();
     let mut a2 = api(&r2.addr).await.unwrap();
+    // gRPC shares the port without taking over other paths.
+    let (status, _) = http(&r1.addr, "POST", "/v1/no-such-endpoint", None, None)
+        .await
+        .unwrap();
+    assert_eq!(status, 404);
 
     let (alice, ta) = account(&mut a1, "alice", PW).await.unwrap();
     let (bob, tb) = account(&mut a2, "bob", PW).await.unwrap();
