@@ -49,6 +49,18 @@ impl RouterProc {
         extra: &[&str],
     ) -> Result<RouterProc> {
         let addr = format!("127.0.0.1:{}", free_port());
+        Self::start_at(dir, name, addr, nodes, extra).await
+    }
+
+    /// Like [`RouterProc::start`] on a chosen address (routers that must
+    /// know each other's URL before they start).
+    pub async fn start_at(
+        dir: &Path,
+        name: &str,
+        addr: String,
+        nodes: &[String],
+        extra: &[&str],
+    ) -> Result<RouterProc> {
         let log = dir.join(format!("{name}.log"));
         let out = std::fs::OpenOptions::new()
             .create(true)
