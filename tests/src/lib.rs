@@ -22,6 +22,7 @@ use tonic::transport::Channel;
 
 pub mod natter;
 pub mod router;
+pub mod webhook;
 
 /// Directory holding the workspace's binaries.
 pub fn bin_dir() -> PathBuf {
