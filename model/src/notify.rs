@@ -182,7 +182,8 @@ pub(crate) fn record_last_seen(kv: &mut dyn KvWrite, now: u64, c: pb::RecordLast
 /// Query `GetLastSeen` (0 = never recorded).
 pub(crate) fn get_last_seen(kv: &dyn KvRead, q: pb::GetLastSeen) -> Res<R> {
     let user = Id::parse(&q.user_id, "user_id")?;
-    let last_seen_ms = get::<pb::LastSeen>(kv, &keys::last_seen(&user))?.map_or(0, |r| r.last_seen_ms);
+    let last_seen_ms =
+        get::<pb::LastSeen>(kv, &keys::last_seen(&user))?.map_or(0, |r| r.last_seen_ms);
     Ok(R::LastSeen(pb::LastSeen {
         user_id: q.user_id,
         last_seen_ms,

@@ -236,7 +236,10 @@ impl Node for NodeApi {
         Ok(Response::new(reply))
     }
 
-    async fn typing(&self, request: Request<TypingRequest>) -> Result<Response<TypingReply>, Status> {
+    async fn typing(
+        &self,
+        request: Request<TypingRequest>,
+    ) -> Result<Response<TypingReply>, Status> {
         let r = request.into_inner();
         let t = r
             .typing

@@ -122,7 +122,11 @@ pub fn spawn(
     stop: watch::Receiver<bool>,
 ) -> Result<Vec<JoinHandle<()>>> {
     let http = reqwest::Client::builder()
-        .timeout(webhook.as_ref().map_or(Duration::from_secs(10), |w| w.timeout))
+        .timeout(
+            webhook
+                .as_ref()
+                .map_or(Duration::from_secs(10), |w| w.timeout),
+        )
         .connect_timeout(Duration::from_secs(5))
         .redirect(reqwest::redirect::Policy::none())
         .user_agent("natter-notifier/1")
@@ -334,7 +338,12 @@ fn unix_secs() -> u64 {
 /// POSTs one notification until a 2xx (then reports it done), or until the
 /// user is online (reported done too: dropped). Aborted when this node
 /// stops leading the shard.
-async fn deliver(shared: Arc<Shared>, shard: u32, n: pb::Notification, done: mpsc::UnboundedSender<Key>) {
+async fn deliver(
+    shared: Arc<Shared>,
+    shard: u32,
+    n: pb::Notification,
+    done: mpsc::UnboundedSender<Key>,
+) {
     let Some(hook) = shared.webhook.clone() else {
         let _ = done.send(key_of(&n));
         return;
@@ -369,7 +378,9 @@ async fn deliver(shared: Arc<Shared>, shard: u32, n: pb::Notification, done: mps
                 tracing::debug!(id = %n.id, attempt, "notification delivered");
                 break;
             }
-            Ok(r) => tracing::info!(id = %n.id, attempt, status = %r.status(), "webhook refused; retrying"),
+            Ok(r) => {
+                tracing::info!(id = %n.id, attempt, status = %r.status(), "webhook refused; retrying")
+            }
             Err(e) => tracing::info!(id = %n.id, attempt, "webhook failed: {e}; retrying"),
         }
         // Full jitter in [backoff/2, backoff].

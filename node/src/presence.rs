@@ -55,6 +55,8 @@ pub struct Presence {
     table: Mutex<HashMap<u32, Leases>>,
     users: std::sync::atomic::AtomicUsize,
     last_seen: tokio::sync::mpsc::Sender<(u32, String)>,
+    /// Users gone offline whose last seen is not recorded yet → when.
+    recent: Mutex<HashMap<String, u64>>,
     last_seen_rx: Mutex<Option<tokio::sync::mpsc::Receiver<(u32, String)>>>,
 }
 
@@ -76,6 +78,7 @@ impl Presence {
             table: Mutex::new(HashMap::new()),
             users: Default::default(),
             last_seen: tx,
+            recent: Mutex::new(HashMap::new()),
             last_seen_rx: Mutex::new(Some(rx)),
         })
     }
@@ -96,14 +99,34 @@ impl Presence {
     }
 
     fn went_offline(&self, shard: u32, user: String, out: &mut Vec<UserPresence>) {
+        let now = now_ms();
         out.push(UserPresence {
             user_id: user.clone(),
             online: false,
-            last_seen_ms: now_ms(),
+            last_seen_ms: now,
         });
-        if self.last_seen.try_send((shard, user)).is_err() {
-            tracing::debug!(shard, "last-seen queue full: dropping one update");
+        if let Ok(mut r) = self.recent.lock() {
+            if r.len() < 2 * LAST_SEEN_QUEUE {
+                r.insert(user.clone(), now);
+            }
         }
+        if let Err(e) = self.last_seen.try_send((shard, user)) {
+            tracing::debug!(shard, "last-seen queue full: dropping one update");
+            if let (Ok(mut r), tokio::sync::mpsc::error::TrySendError::Full((_, u))) =
+                (self.recent.lock(), e)
+            {
+                r.remove(&u);
+            }
+        }
+    }
+
+    /// When a user went offline, if not yet recorded durably.
+    fn recent_offline(&self, user: &str) -> u64 {
+        self.recent
+            .lock()
+            .ok()
+            .and_then(|r| r.get(user).copied())
+            .unwrap_or(0)
     }
 
     /// `ReportPresence`: Err when this node doesn't lead the shard.
@@ -228,7 +251,7 @@ impl Presence {
             out.push(UserPresence {
                 user_id: u.clone(),
                 online: false,
-                last_seen_ms,
+                last_seen_ms: last_seen_ms.max(self.recent_offline(u)),
             });
         }
         Ok(Ok(out))
@@ -306,6 +329,7 @@ impl Presence {
         let rx = self.last_seen_rx.lock().ok().and_then(|mut r| r.take());
         let writer = {
             let remote = Remote::new(self.host.clone(), self.events.clone());
+            let p = self.clone();
             let mut stop = stop;
             tokio::spawn(async move {
                 let Some(mut rx) = rx else { return };
@@ -317,12 +341,15 @@ impl Presence {
                     let cmd = pb::Command {
                         stamp: None,
                         op: Some(pb::command::Op::RecordLastSeen(pb::RecordLastSeen {
-                            user_id: user,
+                            user_id: user.clone(),
                         })),
                     }
                     .encode_to_vec();
                     if let Err(e) = remote.propose(shard, &cmd).await {
                         tracing::debug!(shard, "recording last seen failed: {e:#}");
+                    }
+                    if let Ok(mut r) = p.recent.lock() {
+                        r.remove(&user);
                     }
                 }
             })

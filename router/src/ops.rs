@@ -366,9 +366,7 @@ impl Ops<'_> {
             Request::Ping {}
             | Request::Resume { .. }
             | Request::Typing { .. }
-            | Request::GetPresence { .. } => {
-                return Ok(json!({}))
-            }
+            | Request::GetPresence { .. } => return Ok(json!({})),
             Request::Send {
                 conversation_id,
                 client_msg_id,

@@ -495,6 +495,9 @@ mod tests {
             online: false,
             last_seen_ms: 7,
         });
-        assert_eq!(v, json!({"user_id": "u", "online": false, "last_seen_ms": 7}));
+        assert_eq!(
+            v,
+            json!({"user_id": "u", "online": false, "last_seen_ms": 7})
+        );
     }
 }

@@ -358,7 +358,14 @@ async fn handle_text(
                 let r = state
                     .hub
                     .presence
-                    .get(&state.cluster, &dev.user_id, dev.id, &out, user_ids, deadline)
+                    .get(
+                        &state.cluster,
+                        &dev.user_id,
+                        dev.id,
+                        &out,
+                        user_ids,
+                        deadline,
+                    )
                     .await;
                 let reply = match r {
                     Ok(ok) => reply_ok(&id, ok),

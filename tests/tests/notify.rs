@@ -152,9 +152,12 @@ async fn drained(n: &Natter, user: &str) {
         after: Vec::new(),
         user_id: user.into(),
     });
-    until(n, q, "notification queue drained", |r| {
-        matches!(r, R::Notifications(b) if b.notifications.is_empty())
-    })
+    until(
+        n,
+        q,
+        "notification queue drained",
+        |r| matches!(r, R::Notifications(b) if b.notifications.is_empty()),
+    )
     .await;
 }
 
@@ -214,7 +217,11 @@ async fn offline_users_get_exactly_one_signed_webhook_per_message_and_online_one
     assert!(p.signature_ok, "bad signature: {p:?}");
     assert!(!p.timestamp.is_empty());
     assert_eq!(p.status, 200);
-    assert_eq!(p.body["id"], json!(p.delivery), "delivery id = notification id");
+    assert_eq!(
+        p.body["id"],
+        json!(p.delivery),
+        "delivery id = notification id"
+    );
     assert_eq!(p.body["user_id"], json!(idb));
     assert_eq!(p.body["conversation_id"], json!(conv));
     assert_eq!(p.body["conversation_kind"], "direct");

@@ -215,7 +215,9 @@ fn the_setting_and_muting_are_honoured() {
     w.deliver();
     let ns = pending(&w, &b);
     assert_eq!(
-        ns.iter().map(|n| n.conversation_id.clone()).collect::<Vec<_>>(),
+        ns.iter()
+            .map(|n| n.conversation_id.clone())
+            .collect::<Vec<_>>(),
         vec![d.clone()],
         "DIRECT_ONLY: only the direct conversation"
     );
@@ -228,7 +230,9 @@ fn the_setting_and_muting_are_honoured() {
     w.deliver();
     let ns = pending(&w, &b);
     assert_eq!(
-        ns.iter().map(|n| n.conversation_id.clone()).collect::<Vec<_>>(),
+        ns.iter()
+            .map(|n| n.conversation_id.clone())
+            .collect::<Vec<_>>(),
         vec![g.clone()],
         "muted conversation: nothing"
     );
@@ -306,7 +310,9 @@ fn last_seen_is_the_command_time_and_never_goes_back() {
     assert_eq!(get(&w), 0);
     let rec = |w: &mut World| {
         want!(
-            w.exec(Op::RecordLastSeen(pb::RecordLastSeen { user_id: u.clone() })),
+            w.exec(Op::RecordLastSeen(pb::RecordLastSeen {
+                user_id: u.clone()
+            })),
             LastSeen
         )
         .last_seen_ms
