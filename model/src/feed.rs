@@ -80,7 +80,7 @@ fn write_entry(
 }
 
 /// Command `ApplyFeedUpdates` (from the outbox worker).
-pub(crate) fn apply_updates(kv: &mut dyn KvWrite, c: pb::ApplyFeedUpdates) -> Res<R> {
+pub(crate) fn apply_updates(kv: &mut dyn KvWrite, now: u64, c: pb::ApplyFeedUpdates) -> Res<R> {
     if c.updates.len() > MAX_BATCH {
         return Err(limit(format!("more than {MAX_BATCH} updates")));
     }
@@ -107,7 +107,8 @@ pub(crate) fn apply_updates(kv: &mut dyn KvWrite, c: pb::ApplyFeedUpdates) -> Re
             archived: old.as_ref().is_some_and(|o| o.archived),
             feed_version: 0,
         };
-        write_entry(kv, &user, &conv, e, old.as_ref())?;
+        let e = write_entry(kv, &user, &conv, e, old.as_ref())?;
+        crate::notify::on_feed_update(kv, now, &user, &conv, old.as_ref(), &e)?;
         applied += 1;
     }
     for (user, other, u) in friend_updates {
@@ -135,6 +136,9 @@ pub(crate) fn set_flags(kv: &mut dyn KvWrite, c: pb::SetFeedFlags) -> Res<R> {
     }
     if e == old {
         return Ok(R::FeedEntry(old));
+    }
+    if e.muted {
+        crate::notify::withdraw(kv, &user, &conv)?;
     }
     Ok(R::FeedEntry(write_entry(kv, &user, &conv, e, Some(&old))?))
 }

@@ -108,6 +108,17 @@ pub(crate) fn message_id(conversation: Id, seq: u64) -> String {
         .to_string()
 }
 
+/// A notification's id: UUID v5 in the user id's namespace of the
+/// conversation id's 16 bytes and the seq (8 bytes big-endian).
+pub(crate) fn notification_id(user: Id, conversation: Id, seq: u64) -> String {
+    let mut name = [0u8; 24];
+    name[..16].copy_from_slice(&conversation.0);
+    name[16..].copy_from_slice(&seq.to_be_bytes());
+    Uuid::new_v5(&Uuid::from_bytes(user.0), &name)
+        .hyphenated()
+        .to_string()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -25,6 +25,8 @@
 //! | 0x50 | kind(1), source, user                 | OutboxEntry      | source       |
 //! | 0x60 | token hash(32)                        | Session          | session      |
 //! | 0x61 | expires at, token hash(32)            | (empty)          | session      |
+//! | 0x70 | user, conversation, seq               | Notification     | user         |
+//! | 0x71 | user                                  | LastSeen         | user         |
 //!
 //! 0x14 is the sorted feed, 0x15 the feed's change index, 0x32 a
 //! conversation's change index and 0x33 its per-member (private) one. Both
@@ -54,6 +56,8 @@ pub(crate) const PURGE: u8 = 0x42;
 pub(crate) const OUTBOX: u8 = 0x50;
 pub(crate) const SESSION: u8 = 0x60;
 pub(crate) const SESSION_EXPIRY: u8 = 0x61;
+pub(crate) const NOTIFICATION: u8 = 0x70;
+pub(crate) const LAST_SEEN: u8 = 0x71;
 
 /// Length of a feed rank: unread flag (1) + inverted activity time (8).
 pub(crate) const RANK_LEN: usize = 9;
@@ -246,6 +250,26 @@ pub(crate) fn session_expiry_prefix() -> Vec<u8> {
 /// Every session expiry key with time `< at` sorts before this one.
 pub(crate) fn session_expiry_bound(at: u64) -> Vec<u8> {
     K::new(SESSION_EXPIRY).u64(at).done()
+}
+
+pub(crate) fn notification(user: &Id, c: &Id, seq: u64) -> Vec<u8> {
+    K::new(NOTIFICATION).id(user).id(c).u64(seq).done()
+}
+
+/// Every notification, or one user's, or one (user, conversation)'s.
+pub(crate) fn notification_prefix(user: Option<&Id>, c: Option<&Id>) -> Vec<u8> {
+    let mut k = K::new(NOTIFICATION);
+    if let Some(u) = user {
+        k = k.id(u);
+        if let Some(c) = c {
+            k = k.id(c);
+        }
+    }
+    k.done()
+}
+
+pub(crate) fn last_seen(user: &Id) -> Vec<u8> {
+    K::new(LAST_SEEN).id(user).done()
 }
 
 #[cfg(test)]

@@ -25,6 +25,7 @@
 //! * `outbox` — cross-shard fan-out, and the helpers the outbox worker uses.
 //! * `expiry` — TTL, retention and purging of deleted conversations.
 //! * `sessions` — login sessions by token hash: create, revoke, check.
+//! * `notify` — the offline-notification queue and last seen (user shard).
 //! * [`limits`] — every size and count limit.
 //!
 //! # Operations
@@ -32,7 +33,8 @@
 //! ([`route_key`] → [`shard_of`]):
 //! * username shard: `ClaimUsername`;
 //! * user shard: `CreateUser`, `UpdateUserSettings`, `ApplyFeedUpdates`
-//!   (outbox deliveries), `SetFeedFlags`;
+//!   (outbox deliveries; also enqueues notifications), `SetFeedFlags`,
+//!   `RecordLastSeen`;
 //! * pair shard (= the pair's direct conversation): `FriendRequest`,
 //!   `FriendAccept`, `FriendRemove`, `FriendBlock`, `FriendUnblock`,
 //!   `CreateDirect`;
@@ -40,13 +42,15 @@
 //!   `DeleteConversation`, `SendMessage`, `DeleteMessage`, `MarkRead`;
 //! * session shard (by the token's SHA-256): `CreateSession`,
 //!   `RevokeSession`;
-//! * any shard, sent to a specific one: `AckOutbox`, `Tick`.
+//! * any shard, sent to a specific one: `AckOutbox`, `Tick`,
+//!   `AckNotifications`.
 //!
 //! Queries ([`pb::query::Q`], [`query_route_key`]): `GetUser`,
 //! `LookupUsername`, `GetFriendship`, `ListFriends`, `GetConversation`,
 //! `SyncConversation`, `History`, `GetFeed`, `SyncFeed`, `GetSession`, and
 //! the shard-local
-//! `PendingOutbox` and `NextExpiry`.
+//! `PendingOutbox` and `NextExpiry`; `GetLastSeen` (user shard),
+//! `PendingNotifications` (shard-local, or the user's shard with a user id).
 //!
 //! # What the node runs on every data shard it leads
 //! * **Outbox worker**: query `PendingOutbox{limit, after}`; propose each
@@ -77,6 +81,7 @@ mod ids;
 mod keys;
 pub mod limits;
 mod messages;
+mod notify;
 mod outbox;
 mod route;
 mod sessions;
@@ -96,6 +101,7 @@ pub use natter_proto::model as pb;
 
 pub use ids::{direct_conversation_id, is_canonical_uuid};
 pub use limits::*;
+pub use notify::{notification_ack, notification_key};
 pub use outbox::{outbox_ack, outbox_deliveries, outbox_target_route_key};
 pub use route::{
     conversation_route_key, fnv1a64, pair_route_key, query_route_key, route_key, session_route_key,
@@ -146,7 +152,7 @@ fn run(kv: &mut dyn KvWrite, now: u64, purged: u32, op: Op) -> Res<R> {
         Op::ClaimUsername(c) => users::claim_username(kv, now, c),
         Op::CreateUser(c) => users::create_user(kv, now, c),
         Op::UpdateUserSettings(c) => users::update_user_settings(kv, c),
-        Op::ApplyFeedUpdates(c) => feed::apply_updates(kv, c),
+        Op::ApplyFeedUpdates(c) => feed::apply_updates(kv, now, c),
         Op::SetFeedFlags(c) => feed::set_flags(kv, c),
         Op::FriendRequest(c) => friends::request(kv, now, c),
         Op::FriendAccept(c) => friends::accept(kv, now, c),
@@ -163,6 +169,8 @@ fn run(kv: &mut dyn KvWrite, now: u64, purged: u32, op: Op) -> Res<R> {
         Op::AckOutbox(c) => outbox::ack(kv, c),
         Op::CreateSession(c) => sessions::create(kv, now, c),
         Op::RevokeSession(c) => sessions::revoke(kv, c),
+        Op::AckNotifications(c) => notify::ack(kv, c),
+        Op::RecordLastSeen(c) => notify::record_last_seen(kv, now, c),
         Op::Tick(_) => Ok(R::Ticked(pb::Ticked {
             now_ms: now,
             purged,
@@ -183,6 +191,8 @@ fn ask(kv: &dyn KvRead, now: u64, q: Q) -> Res<R> {
         Q::SyncFeed(q) => feed::sync_feed(kv, now, q),
         Q::PendingOutbox(q) => outbox::pending(kv, q),
         Q::GetSession(q) => sessions::get_session(kv, now, q),
+        Q::PendingNotifications(q) => notify::pending(kv, q),
+        Q::GetLastSeen(q) => notify::get_last_seen(kv, q),
         Q::NextExpiry(_) => Ok(R::NextExpiry(pb::NextExpiryResult {
             at_ms: expiry::next_expiry(kv)?,
         })),

@@ -130,7 +130,8 @@ pub fn route_key(cmd: &Command) -> Vec<u8> {
         Op::MarkRead(c) => conversation_route_key(&c.conversation_id),
         Op::CreateSession(c) => session_route_key(&c.token_hash),
         Op::RevokeSession(c) => session_route_key(&c.token_hash),
-        Op::AckOutbox(_) | Op::Tick(_) => Vec::new(),
+        Op::RecordLastSeen(c) => user_route_key(&c.user_id),
+        Op::AckOutbox(_) | Op::Tick(_) | Op::AckNotifications(_) => Vec::new(),
     }
 }
 
@@ -150,7 +151,9 @@ pub fn query_route_key(q: &Query) -> Vec<u8> {
         Q::GetFeed(q) => user_route_key(&q.user_id),
         Q::SyncFeed(q) => user_route_key(&q.user_id),
         Q::GetSession(q) => session_route_key(&q.token_hash),
-        Q::PendingOutbox(_) | Q::NextExpiry(_) => Vec::new(),
+        Q::GetLastSeen(q) => user_route_key(&q.user_id),
+        Q::PendingNotifications(q) if !q.user_id.is_empty() => user_route_key(&q.user_id),
+        Q::PendingOutbox(_) | Q::NextExpiry(_) | Q::PendingNotifications(_) => Vec::new(),
     }
 }
 

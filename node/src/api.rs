@@ -15,6 +15,10 @@ use natter_proto::cluster::{
     ReadRequest, ShardMap, ShardMapRequest, StatusReply, StatusRequest, TransferLeaderReply,
     TransferLeaderRequest, WatchRequest,
 };
+use natter_proto::cluster::{
+    GetPresenceReply, GetPresenceRequest, ReportPresenceReply, ReportPresenceRequest, TypingReply,
+    TypingRequest,
+};
 use natter_raft_store::{Consistency, Error, RaftHost};
 use prost::Message;
 use tonic::{Request, Response, Status};
@@ -30,6 +34,7 @@ pub struct NodeApi {
     pub host: Arc<RaftHost>,
     pub region: String,
     pub events: Events,
+    pub presence: Arc<crate::presence::Presence>,
 }
 
 pub fn now_ms() -> u64 {
@@ -212,6 +217,62 @@ impl Node for NodeApi {
             Some((Ok(item), rx))
         });
         Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn report_presence(
+        &self,
+        request: Request<ReportPresenceRequest>,
+    ) -> Result<Response<ReportPresenceReply>, Status> {
+        let r = request.into_inner();
+        let reply = match self
+            .presence
+            .report(r.shard, &r.router_id, &r.online, &r.offline)
+        {
+            Ok(lease) => ReportPresenceReply {
+                not_leader: None,
+                lease_ms: lease.as_millis() as u64,
+            },
+            Err(nl) => ReportPresenceReply {
+                not_leader: Some(nl),
+                lease_ms: 0,
+            },
+        };
+        Ok(Response::new(reply))
+    }
+
+    async fn get_presence(
+        &self,
+        request: Request<GetPresenceRequest>,
+    ) -> Result<Response<GetPresenceReply>, Status> {
+        let r = request.into_inner();
+        let reply = match self.presence.get(r.shard, &r.user_ids).await? {
+            Ok(users) => GetPresenceReply {
+                not_leader: None,
+                users,
+            },
+            Err(nl) => GetPresenceReply {
+                not_leader: Some(nl),
+                users: Vec::new(),
+            },
+        };
+        Ok(Response::new(reply))
+    }
+
+    async fn typing(
+        &self,
+        request: Request<TypingRequest>,
+    ) -> Result<Response<TypingReply>, Status> {
+        let r = request.into_inner();
+        let t = r
+            .typing
+            .ok_or_else(|| Status::invalid_argument("typing is required"))?;
+        if !natter_model::is_canonical_uuid(&t.conversation_id)
+            || !natter_model::is_canonical_uuid(&t.user_id)
+        {
+            return Err(Status::invalid_argument("ids must be canonical uuids"));
+        }
+        let not_leader = self.presence.typing(r.shard, t).err();
+        Ok(Response::new(TypingReply { not_leader }))
     }
 
     async fn transfer_leader(

@@ -63,6 +63,18 @@ pub struct Flags {
     /// Log as JSON lines.
     #[arg(long, env = "NATTER_LOG_JSON")]
     pub log_json: bool,
+    /// Offline notifications are POSTed here (none: they are dropped).
+    #[arg(long, env = "NATTER_WEBHOOK_URL")]
+    pub webhook_url: Option<String>,
+    /// HMAC-SHA256 key of the webhook signature (required with --webhook-url).
+    #[arg(long, env = "NATTER_WEBHOOK_SECRET", hide_env_values = true)]
+    pub webhook_secret: Option<String>,
+    /// Timeout of one webhook attempt, in ms (default 10000).
+    #[arg(long, env = "NATTER_WEBHOOK_TIMEOUT_MS")]
+    pub webhook_timeout_ms: Option<u64>,
+    /// How long a router's presence report lasts, in ms (default 15000).
+    #[arg(long, env = "NATTER_PRESENCE_LEASE_MS")]
+    pub presence_lease_ms: Option<u64>,
 }
 
 /// The TOML file's shape: the same names as the flags, in snake_case.
@@ -79,6 +91,10 @@ pub struct FileConfig {
     pub replicas: Option<usize>,
     pub sync_mode: Option<String>,
     pub raft: Option<RaftTimings>,
+    pub webhook_url: Option<String>,
+    pub webhook_secret: Option<String>,
+    pub webhook_timeout_ms: Option<u64>,
+    pub presence_lease_ms: Option<u64>,
 }
 
 /// The resolved configuration.
@@ -96,6 +112,8 @@ pub struct Config {
     pub timings: RaftTimings,
     pub verify: bool,
     pub log_json: bool,
+    pub webhook: Option<crate::notifier::Webhook>,
+    pub presence_lease: std::time::Duration,
 }
 
 /// Default data shards: enough to spread load over a few nodes, few enough
@@ -188,6 +206,38 @@ impl Config {
         if let Some(v) = flags.election_max_ms {
             timings.election_max_ms = v;
         }
+        let webhook = match flags.webhook_url.or(file.webhook_url) {
+            None => None,
+            Some(url) => {
+                if !(url.starts_with("http://") || url.starts_with("https://")) {
+                    bail!("--webhook-url must be an http:// or https:// URL");
+                }
+                let secret = flags
+                    .webhook_secret
+                    .or(file.webhook_secret)
+                    .filter(|s| !s.is_empty())
+                    .context("--webhook-secret is required with --webhook-url")?;
+                let ms = flags
+                    .webhook_timeout_ms
+                    .or(file.webhook_timeout_ms)
+                    .unwrap_or(10_000);
+                if !(100..=300_000).contains(&ms) {
+                    bail!("--webhook-timeout-ms must be 100..=300000");
+                }
+                Some(crate::notifier::Webhook {
+                    url,
+                    secret,
+                    timeout: std::time::Duration::from_millis(ms),
+                })
+            }
+        };
+        let lease_ms = flags
+            .presence_lease_ms
+            .or(file.presence_lease_ms)
+            .unwrap_or(15_000);
+        if !(1_000..=600_000).contains(&lease_ms) {
+            bail!("--presence-lease-ms must be 1000..=600000");
+        }
         Ok(Config {
             node_id,
             listen,
@@ -204,6 +254,8 @@ impl Config {
             timings,
             verify: !flags.no_verify,
             log_json: flags.log_json,
+            webhook,
+            presence_lease: std::time::Duration::from_millis(lease_ms),
         })
     }
 }
@@ -239,5 +291,27 @@ mod tests {
         std::fs::write(&path, "nodeid = 4\n").unwrap();
         let flags = Flags::parse_from(["natter-node", "--config", path.to_str().unwrap()]);
         assert!(Config::load(flags).is_err(), "unknown keys are rejected");
+    }
+
+    #[test]
+    fn a_webhook_needs_a_secret_and_an_http_url() {
+        let base = [
+            "natter-node",
+            "--node-id",
+            "1",
+            "--listen",
+            "127.0.0.1:1",
+            "--data-dir",
+            "/tmp/x",
+        ];
+        let with = |extra: &[&str]| {
+            Config::load(Flags::parse_from(base.iter().chain(extra.iter()).copied()))
+        };
+        assert!(with(&["--webhook-url", "http://h/x"]).is_err());
+        assert!(with(&["--webhook-url", "ftp://h", "--webhook-secret", "s"]).is_err());
+        let c = with(&["--webhook-url", "http://h/x", "--webhook-secret", "s"]).unwrap();
+        assert_eq!(c.webhook.map(|w| w.url).as_deref(), Some("http://h/x"));
+        assert!(with(&[]).unwrap().webhook.is_none());
+        assert!(with(&["--presence-lease-ms", "10"]).is_err());
     }
 }

@@ -94,7 +94,15 @@ impl Events {
                 index,
                 changes,
                 lagged: false,
+                ..Default::default()
             });
+        }
+    }
+
+    /// Publishes an event that no command produced (presence, typing).
+    pub fn publish_ephemeral(&self, ev: ChangeEvent) {
+        if self.tx.receiver_count() > 0 {
+            let _ = self.tx.send(ev);
         }
     }
 

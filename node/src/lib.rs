@@ -8,13 +8,17 @@
 //! - [`api`]: the data API (propose, read, status, shard map);
 //! - [`bootstrap`]: which groups to start, and creating a new cluster;
 //! - [`workers`], [`remote`]: leader-side loops (outbox fan-out, expiry ticks);
-//! - [`events`]: change events for `Watch` streams (router push).
+//! - [`events`]: change events for `Watch` streams (router push);
+//! - [`presence`]: presence leases (soft state) and typing relay;
+//! - [`notifier`]: offline notifications by signed webhook.
 
 pub mod api;
 pub mod bootstrap;
 pub mod config;
 pub mod events;
 pub mod meta;
+pub mod notifier;
+pub mod presence;
 pub mod remote;
 pub mod workers;
 
@@ -60,10 +64,12 @@ pub async fn run(cfg: config::Config) -> Result<()> {
         .await
         .with_context(|| format!("cannot listen on {}", cfg.listen))?;
     let events = events::Events::default();
+    let presence = presence::Presence::new(host.clone(), events.clone(), cfg.presence_lease);
     let api = api::NodeApi {
         host: host.clone(),
         region: cfg.region.clone(),
         events: events.clone(),
+        presence: presence.clone(),
     };
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let server = {
@@ -86,7 +92,15 @@ pub async fn run(cfg: config::Config) -> Result<()> {
         tracing::warn!("UNSAFE: --sync-mode unsafe-no-wal acknowledges writes that a crash loses (negative control only)");
     }
     bootstrap::start_groups(&host, &cfg).await?;
-    let workers = workers::spawn(host.clone(), events, stop_rx.clone());
+    let mut workers = workers::spawn(host.clone(), events.clone(), stop_rx.clone());
+    workers.extend(presence.spawn(stop_rx.clone()));
+    workers.extend(notifier::spawn(
+        host.clone(),
+        events,
+        presence,
+        cfg.webhook.clone(),
+        stop_rx.clone(),
+    )?);
     tracing::info!(node = cfg.node_id, listen = %cfg.listen, groups = ?host.hosted(), "node ready");
 
     shutdown_signal().await;

@@ -246,6 +246,18 @@ impl Cluster {
         v
     }
 
+    /// Where to reach a shard's leader: the cached leader first, then its
+    /// replicas (for calls outside `exec`/`query`, e.g. presence).
+    pub async fn shard_candidates(&self, shard: u32) -> Vec<String> {
+        let layout = self.layout_or_fetch().await;
+        self.candidates(shard, layout.as_deref())
+    }
+
+    /// Remembers `addr` as the shard's leader.
+    pub fn note_leader(&self, shard: u32, addr: &str) {
+        self.set_leader(shard, addr);
+    }
+
     /// The number of data shards (fetching the map if needed).
     pub async fn shard_count(&self, deadline: Instant) -> Result<u32, ClusterError> {
         loop {

@@ -12,6 +12,7 @@
 //! * [`ops`] — the protocol's operations, run as the session's user.
 //! * [`json`] — model answers as the protocol's JSON.
 //! * [`push`] — Watch streams and per-device delta-sync push.
+//! * [`presence`] — presence reports, `get_presence`, cross-router typing.
 //! * [`conn`] — bounded outgoing queue and close signal of a connection.
 //! * [`ws`] — one WebSocket connection: frames, errors, limits.
 //! * [`http`] — the HTTP endpoints.
@@ -33,6 +34,7 @@ pub mod json;
 pub mod limits;
 pub mod metrics;
 pub mod ops;
+pub mod presence;
 pub mod push;
 pub mod region;
 pub mod ws;

@@ -54,6 +54,9 @@ pub enum Request {
     Typing {
         conversation_id: String,
     },
+    GetPresence {
+        user_ids: Vec<String>,
+    },
     Send {
         conversation_id: String,
         client_msg_id: String,
@@ -185,6 +188,7 @@ pub const OPS: &[&str] = &[
     "ping",
     "resume",
     "typing",
+    "get_presence",
     "send",
     "create_direct",
     "create_group",
@@ -368,8 +372,8 @@ impl Ops<'_> {
         f(self.me.to_string(), other)
     }
 
-    /// Runs a cluster request (not `ping`, `resume` or `typing`, which the
-    /// connection handles) and returns the reply's `ok` object.
+    /// Runs a cluster request (not `ping`, `resume`, `typing` or
+    /// `get_presence`, which the connection handles) and returns the reply's `ok` object.
     pub async fn run(&self, req: Request) -> Result<Value, ApiError> {
         Ok(match self.call(req).await? {
             Answer::Empty => json!({}),
@@ -384,9 +388,10 @@ impl Ops<'_> {
     pub async fn call(&self, req: Request) -> Result<Answer, ApiError> {
         let me = self.me.to_string();
         let r = match req {
-            Request::Ping {} | Request::Resume { .. } | Request::Typing { .. } => {
-                return Ok(Answer::Empty)
-            }
+            Request::Ping {}
+            | Request::Resume { .. }
+            | Request::Typing { .. }
+            | Request::GetPresence { .. } => return Ok(Answer::Empty),
             Request::Send {
                 conversation_id,
                 client_msg_id,

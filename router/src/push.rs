@@ -133,6 +133,8 @@ pub struct Hub {
     reads: Semaphore,
     /// Node address → whether its Watch stream is connected.
     watching: Mutex<HashMap<String, bool>>,
+    /// Presence reports and subscriptions, typing relay.
+    pub presence: Arc<crate::presence::Presence>,
 }
 
 fn event(name: &str, mut fields: Map<String, Value>) -> Value {
@@ -240,6 +242,7 @@ impl Hub {
             next_id: AtomicU64::new(1),
             reads: Semaphore::new(SYNC_CONCURRENCY),
             watching: Mutex::new(HashMap::new()),
+            presence: crate::presence::Presence::new(),
         })
     }
 
@@ -261,10 +264,11 @@ impl Hub {
         });
         if let Ok(mut ix) = self.index.lock() {
             ix.devices.insert(dev.id, dev.clone());
-            ix.by_user
-                .entry(dev.user_id.clone())
-                .or_default()
-                .insert(dev.id);
+            let devs = ix.by_user.entry(dev.user_id.clone()).or_default();
+            devs.insert(dev.id);
+            if devs.len() == 1 {
+                self.presence.user_connected(&dev.user_id);
+            }
             ix.by_token.entry(token_hash).or_default().insert(dev.id);
         }
         let (hub, d) = (self.clone(), dev.clone());
@@ -279,6 +283,9 @@ impl Hub {
         if let Ok(mut ix) = self.index.lock() {
             ix.devices.remove(&dev.id);
             remove_from(&mut ix.by_user, &dev.user_id, dev.id);
+            if !ix.by_user.contains_key(&dev.user_id) {
+                self.presence.user_disconnected(&dev.user_id);
+            }
             if let Some(set) = ix.by_token.get_mut(&dev.token_hash) {
                 set.remove(&dev.id);
                 if set.is_empty() {
@@ -289,6 +296,15 @@ impl Hub {
                 remove_from(&mut ix.by_conv, c, dev.id);
             }
         }
+        self.presence.device_gone(dev.id);
+    }
+
+    /// Users with a device connected here.
+    pub fn connected_users(&self) -> Vec<String> {
+        self.index
+            .lock()
+            .map(|ix| ix.by_user.keys().cloned().collect())
+            .unwrap_or_default()
     }
 
     pub fn connections(&self) -> usize {
@@ -334,32 +350,57 @@ impl Hub {
         }
     }
 
-    /// Sends a typing indicator to the other local devices tracking the
-    /// conversation (this router only). The sender must track it.
-    pub fn typing(&self, dev: &Device, conv: &str) -> Result<(), ApiError> {
-        let targets: Vec<Arc<Device>> = {
+    /// Relays a typing indicator to the conversation's members on every
+    /// router (through the conversation shard's leader and the Watch
+    /// streams). The sender must track the conversation; at most one per
+    /// device per second is relayed, more are dropped.
+    pub fn typing(self: &Arc<Self>, dev: &Device, conv: &str) -> Result<(), ApiError> {
+        {
             let ix = self
                 .index
                 .lock()
                 .map_err(|_| ApiError::Unavailable("hub poisoned".into()))?;
-            let Some(set) = ix.by_conv.get(conv).filter(|s| s.contains(&dev.id)) else {
+            if !ix.by_conv.get(conv).is_some_and(|s| s.contains(&dev.id)) {
                 return Err(ApiError::not_found(
                     "conversation not found (resume first to track your conversations)",
                 ));
-            };
-            set.iter()
+            }
+        }
+        if !self.presence.typing_allowed(dev.id) {
+            return Ok(());
+        }
+        let (hub, conv, user) = (self.clone(), conv.to_string(), dev.user_id.clone());
+        tokio::spawn(async move {
+            if let Err(e) = hub.presence.relay_typing(&hub.cluster, &conv, &user).await {
+                // The leader is unreachable: at least this router's devices.
+                tracing::debug!("typing relay failed: {e}");
+                hub.deliver_typing(&conv, &user);
+            }
+        });
+        Ok(())
+    }
+
+    /// Delivers a typing indicator to local devices tracking the
+    /// conversation, except the typist's own.
+    fn deliver_typing(&self, conv: &str, user: &str) {
+        let targets: Vec<Arc<Device>> = match self.index.lock() {
+            Ok(ix) => ix
+                .by_conv
+                .get(conv)
+                .into_iter()
+                .flatten()
                 .filter_map(|id| ix.devices.get(id))
-                .filter(|d| d.user_id != dev.user_id)
+                .filter(|d| d.user_id != user)
                 .cloned()
-                .collect()
+                .collect(),
+            Err(_) => return,
         };
         for d in targets {
             d.out.push(Push::Typing {
                 conversation_id: conv.to_string(),
-                user_id: dev.user_id.clone(),
+                user_id: user.to_string(),
             });
         }
-        Ok(())
     }
 
     /// [`Hub::typing`] from whichever local device of this session tracks
@@ -423,6 +464,10 @@ impl Hub {
         }
         for d in friends {
             d.out.push(Push::Friends);
+        }
+        self.presence.on_event(ev);
+        for t in &ev.typing {
+            self.deliver_typing(&t.conversation_id, &t.user_id);
         }
     }
 
@@ -748,6 +793,12 @@ impl Hub {
     /// Keeps one Watch stream per node of the shard map, adding nodes as
     /// the map grows, until `stop`.
     pub async fn watch_cluster(self: Arc<Hub>, stop: CancellationToken) {
+        let hub = self.clone();
+        tokio::spawn(self.presence.clone().announce(
+            self.cluster.clone(),
+            move || hub.connected_users(),
+            stop.clone(),
+        ));
         let mut started: HashSet<String> = HashSet::new();
         loop {
             let layout = match self.cluster.layout() {

@@ -292,6 +292,36 @@ async fn handle_text(
             };
             out.send_json(&reply);
         }
+        Request::GetPresence { user_ids } => {
+            let permit = tokio::select! {
+                p = permits.clone().acquire_owned() => match p {
+                    Ok(p) => p,
+                    Err(_) => return Ok(()),
+                },
+                _ = out.closer().closed() => return Ok(()),
+            };
+            let (state, out, dev) = (state.clone(), out.clone(), dev.clone());
+            tokio::spawn(async move {
+                let deadline = Instant::now() + state.config.request_timeout;
+                let r = state
+                    .hub
+                    .presence
+                    .get(
+                        &state.cluster,
+                        &dev.user_id,
+                        dev.id,
+                        &out,
+                        user_ids,
+                        deadline,
+                    )
+                    .await;
+                let reply = match r {
+                    Ok(ok) => reply_ok(&id, ok),
+                    Err(e) => reply_err(&id, e.code(), &e.to_string()),
+                };
+                out.reply(&reply, permit);
+            });
+        }
         req => {
             // Backpressure: at most max_in_flight requests run at once; the
             // reader waits (and so stops reading) until one finishes.

@@ -24,6 +24,7 @@ pub mod grpc;
 pub mod natter;
 pub mod router;
 pub mod sdk;
+pub mod webhook;
 
 /// Directory holding the workspace's binaries.
 pub fn bin_dir() -> PathBuf {

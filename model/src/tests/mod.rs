@@ -1,6 +1,7 @@
 //! Tests: a multi-shard in-memory world, unit tests of every rule, and a
 //! property test of delta sync against full reads.
 
+mod notify;
 mod prop;
 mod unit;
 

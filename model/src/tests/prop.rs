@@ -560,6 +560,7 @@ proptest! {
         }
         check_unread(&w);
         check_feeds_converged(&w);
+        super::notify::check_notifications(&w);
         if std::env::var("PROP_STATS").is_ok() {
             let convs = conversations(&w);
             let msgs: u64 = convs.iter().map(|(_, _, r)| r.last_seq).sum();

@@ -1,0 +1,207 @@
+//! Offline notifications and last seen, on the user's shard.
+//!
+//! * When `ApplyFeedUpdates` writes a user's feed row, [`on_feed_update`]
+//!   enqueues a [`Notification`](pb::Notification) if the update brings a
+//!   new message (its preview's seq is above the row's previous `last_seq`)
+//!   from someone else that is unread for the user, not hidden, removed,
+//!   deleted or expired, the conversation isn't muted, and the user's
+//!   setting allows it (`ALL`; `DIRECT_ONLY` only for direct
+//!   conversations; `NONE` never). A user row that doesn't exist counts as
+//!   the default, `ALL`.
+//! * Rows are keyed (user, conversation, seq), so a redelivered feed update
+//!   can't enqueue twice; the id is UUID v5 of the same triple. A newer
+//!   message of a conversation replaces the user's pending older row of it:
+//!   at most one row per (user, conversation), like the feed itself.
+//! * The node's notifier drains them (`PendingNotifications`, then
+//!   `AckNotifications` after a delivery or a drop).
+//! * `RecordLastSeen` stores the command's time as the user's last seen
+//!   (never backwards); `GetLastSeen` reads it.
+
+use std::ops::Bound;
+
+use natter_kv::{KvRead, KvWrite};
+
+use crate::codec::{decode, get, put, scan_from};
+use crate::error::{invalid, limit, Res};
+use crate::ids::{notification_id, Id};
+use crate::keys;
+use crate::limits::{page_limit, MAX_BATCH, MAX_CURSOR_BYTES};
+use crate::pb::{self, response::R, ConversationKind, Notifications};
+
+/// Whether the user's setting allows a notification for this kind.
+fn allowed(kv: &dyn KvRead, user: &Id, kind: i32) -> Res<bool> {
+    let setting = get::<pb::User>(kv, &keys::user(user))?
+        .and_then(|u| Notifications::try_from(u.notifications).ok())
+        .unwrap_or(Notifications::All);
+    Ok(match setting {
+        Notifications::None => false,
+        Notifications::DirectOnly => kind == ConversationKind::Direct as i32,
+        Notifications::All | Notifications::Unspecified => true,
+    })
+}
+
+/// Called for every feed row `ApplyFeedUpdates` writes: enqueues a
+/// notification when the update brings a new message the user should hear
+/// about (see the module docs).
+pub(crate) fn on_feed_update(
+    kv: &mut dyn KvWrite,
+    now: u64,
+    user: &Id,
+    conv: &Id,
+    old: Option<&pb::FeedEntry>,
+    new: &pb::FeedEntry,
+) -> Res<()> {
+    let Some(u) = &new.conversation else {
+        return Ok(());
+    };
+    let visible = !(u.hidden || u.removed || u.deleted);
+    let preview_seq = u.preview.as_ref().map(|p| p.seq);
+    // A pending row stays only while its message is still the unread,
+    // visible, unmuted last message: read on a connected device, deleted,
+    // expired, hidden, muted or superseded withdraws it.
+    let prefix = keys::notification_prefix(Some(user), Some(conv));
+    for (k, v) in scan_from(&*kv, &prefix, Bound::Included(&prefix), MAX_BATCH)? {
+        let n = decode::<pb::Notification>(&k, &v)?;
+        if !visible || new.muted || n.seq <= u.last_read_seq || preview_seq != Some(n.seq) {
+            kv.delete(&k);
+        }
+    }
+    let Some(p) = &u.preview else {
+        return Ok(());
+    };
+    let old_last = old
+        .and_then(|o| o.conversation.as_ref())
+        .map_or(0, |c| c.last_seq);
+    let fresh = p.seq > old_last && p.seq > u.last_read_seq && u.unread_count > 0;
+    let expired = p.expires_at_ms != 0 && p.expires_at_ms <= now;
+    if !fresh || !visible || expired || new.muted || p.sender_id == u.user_id {
+        return Ok(());
+    }
+    if !allowed(&*kv, user, u.kind)? {
+        return Ok(());
+    }
+    let n = pb::Notification {
+        id: notification_id(*user, *conv, p.seq),
+        user_id: u.user_id.clone(),
+        conversation_id: u.conversation_id.clone(),
+        seq: p.seq,
+        sender_id: p.sender_id.clone(),
+        preview: p.text.clone(),
+        kind: u.kind,
+        title: u.title.clone(),
+        created_at_ms: p.created_at_ms,
+        enqueued_at_ms: now,
+    };
+    put(kv, &keys::notification(user, conv, p.seq), &n);
+    Ok(())
+}
+
+/// Deletes the user's pending notifications of a conversation (it was
+/// muted).
+pub(crate) fn withdraw(kv: &mut dyn KvWrite, user: &Id, conv: &Id) -> Res<()> {
+    let prefix = keys::notification_prefix(Some(user), Some(conv));
+    for (k, _) in scan_from(&*kv, &prefix, Bound::Included(&prefix), MAX_BATCH)? {
+        kv.delete(&k);
+    }
+    Ok(())
+}
+
+/// Query `PendingNotifications`.
+pub(crate) fn pending(kv: &dyn KvRead, q: pb::PendingNotifications) -> Res<R> {
+    let lim = page_limit(q.limit)?;
+    let user = if q.user_id.is_empty() {
+        None
+    } else {
+        Some(Id::parse(&q.user_id, "user_id")?)
+    };
+    let prefix = keys::notification_prefix(user.as_ref(), None);
+    if q.after.len() > MAX_CURSOR_BYTES || !(q.after.is_empty() || q.after.starts_with(&prefix)) {
+        return Err(invalid("bad notification cursor"));
+    }
+    let from = if q.after.is_empty() {
+        Bound::Included(prefix.as_slice())
+    } else {
+        Bound::Excluded(q.after.as_slice())
+    };
+    let rows = scan_from(kv, &prefix, from, lim + 1)?;
+    let has_more = rows.len() > lim;
+    let mut notifications = Vec::with_capacity(rows.len().min(lim));
+    let mut next_after = Vec::new();
+    for (k, v) in rows.into_iter().take(lim) {
+        notifications.push(decode::<pb::Notification>(&k, &v)?);
+        next_after = k;
+    }
+    Ok(R::Notifications(pb::NotificationBatch {
+        notifications,
+        next_after,
+        has_more,
+    }))
+}
+
+/// Command `AckNotifications`.
+pub(crate) fn ack(kv: &mut dyn KvWrite, c: pb::AckNotifications) -> Res<R> {
+    if c.keys.len() > MAX_BATCH {
+        return Err(limit(format!("more than {MAX_BATCH} acks")));
+    }
+    let mut parsed = Vec::with_capacity(c.keys.len());
+    for k in &c.keys {
+        let user = Id::parse(&k.user_id, "user_id")?;
+        let conv = Id::parse(&k.conversation_id, "conversation_id")?;
+        parsed.push(keys::notification(&user, &conv, k.seq));
+    }
+    let (mut deleted, mut missing) = (0, 0);
+    for key in parsed {
+        if kv.get(&key)?.is_some() {
+            kv.delete(&key);
+            deleted += 1;
+        } else {
+            missing += 1;
+        }
+    }
+    Ok(R::NotificationsAcked(pb::NotificationsAcked {
+        deleted,
+        missing,
+    }))
+}
+
+/// Command `RecordLastSeen`: last seen = the command's time.
+pub(crate) fn record_last_seen(kv: &mut dyn KvWrite, now: u64, c: pb::RecordLastSeen) -> Res<R> {
+    let user = Id::parse(&c.user_id, "user_id")?;
+    let key = keys::last_seen(&user);
+    let old = get::<pb::LastSeen>(&*kv, &key)?.map_or(0, |r| r.last_seen_ms);
+    let row = pb::LastSeen {
+        user_id: c.user_id,
+        last_seen_ms: old.max(now),
+    };
+    if row.last_seen_ms != old {
+        put(kv, &key, &row);
+    }
+    Ok(R::LastSeen(row))
+}
+
+/// Query `GetLastSeen` (0 = never recorded).
+pub(crate) fn get_last_seen(kv: &dyn KvRead, q: pb::GetLastSeen) -> Res<R> {
+    let user = Id::parse(&q.user_id, "user_id")?;
+    let last_seen_ms =
+        get::<pb::LastSeen>(kv, &keys::last_seen(&user))?.map_or(0, |r| r.last_seen_ms);
+    Ok(R::LastSeen(pb::LastSeen {
+        user_id: q.user_id,
+        last_seen_ms,
+    }))
+}
+
+/// The `AckNotifications` that retires exactly these notifications.
+pub fn notification_ack(ns: &[pb::Notification]) -> pb::AckNotifications {
+    pb::AckNotifications {
+        keys: ns.iter().map(notification_key).collect(),
+    }
+}
+
+/// A notification's key, for acks.
+pub fn notification_key(n: &pb::Notification) -> pb::NotificationKey {
+    pb::NotificationKey {
+        user_id: n.user_id.clone(),
+        conversation_id: n.conversation_id.clone(),
+        seq: n.seq,
+    }
+}
