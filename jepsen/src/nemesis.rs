@@ -41,6 +41,10 @@ pub enum Nemesis {
     Corrupt,
     /// kill -9 of every node at once, restarted at heal.
     KillAll,
+    /// Membership change under load: a fresh node joins (on a spare host)
+    /// and takes its share of replicas, then a random old node is drained,
+    /// removed and stopped; its host becomes the next spare.
+    Membership,
     /// Not in `all` (it finds a known problem, see README): with a node
     /// killed, cut the tail off its newest RocksDB WAL file; it must refuse
     /// to start, or at least not forget log entries it acknowledged.
@@ -52,7 +56,7 @@ pub enum Nemesis {
     WalLoss,
 }
 
-pub const ALL: [Nemesis; 10] = [
+pub const ALL: [Nemesis; 11] = [
     Nemesis::Partition,
     Nemesis::PartitionLeader,
     Nemesis::PartitionBridge,
@@ -63,6 +67,7 @@ pub const ALL: [Nemesis; 10] = [
     Nemesis::ClockSkew,
     Nemesis::Corrupt,
     Nemesis::KillAll,
+    Nemesis::Membership,
 ];
 
 /// Nemeses that exist but are not part of `all` / `short` / `long`.
@@ -81,6 +86,7 @@ impl Nemesis {
             Nemesis::ClockSkew => "clock-skew",
             Nemesis::Corrupt => "corrupt",
             Nemesis::KillAll => "kill-all",
+            Nemesis::Membership => "membership",
             Nemesis::CorruptWal => "corrupt-wal",
             Nemesis::WalLoss => "wal-loss",
         }
@@ -145,6 +151,10 @@ pub struct Faults<'a> {
     /// A node started on a corrupted data dir instead of refusing (an anomaly).
     pub corrupt_started: usize,
     pub notes: Vec<String>,
+    /// Hosts with no node on them, for nodes that join ([`Nemesis::Membership`]).
+    pub spare: Vec<natter_tests::NodeHost>,
+    /// Logs of nodes removed from the cluster (kept with the run's logs).
+    pub removed_logs: Vec<PathBuf>,
     active: Active,
 }
 
@@ -169,6 +179,8 @@ impl<'a> Faults<'a> {
             injected: 0,
             corrupt_started: 0,
             notes: Vec::new(),
+            spare: Vec::new(),
+            removed_logs: Vec::new(),
             active: Active::default(),
         }
     }
@@ -360,6 +372,10 @@ impl<'a> Faults<'a> {
                 self.wal_loss(hold).await?;
                 return Ok(());
             }
+            Nemesis::Membership => {
+                self.membership().await?;
+                return Ok(());
+            }
             Nemesis::KillAll => {
                 self.kill(&all);
                 self.record(format!("kill -9 all {all:?}"));
@@ -471,6 +487,57 @@ impl<'a> Faults<'a> {
             } else {
                 "STARTED (anomaly)"
             }
+        ));
+        Ok(())
+    }
+
+    /// [`Nemesis::Membership`]: join a fresh node, let the rebalancer give it
+    /// its share, drain and remove an old node, stop it.
+    async fn membership(&mut self) -> Result<()> {
+        use natter_tests::ops::admin;
+        let host = self.spare.pop().context("no spare host for a joining node")?;
+        let old = self.ids();
+        let via = old[0];
+        let listen = host.listen.clone();
+        let id = self
+            .cluster
+            .join_node_on(via, host, &natter_tests::ClusterOpts::default().node_args)
+            .await?;
+        self.record(format!("node {id} joined on {listen}"));
+        let limit = Duration::from_secs(120);
+        match self.cluster.wait_balanced(limit).await {
+            Ok(b) => self.record(format!(
+                "rebalanced onto node {id}: replicas {:?}, leaders {:?}",
+                b.replicas, b.leads
+            )),
+            Err(e) => bail!("the cluster did not rebalance onto node {id}: {e:#}"),
+        }
+        let victim = old[self.rng.gen_range(0..old.len())];
+        let addr = self.cluster.node(id).addr.clone();
+        let secs = limit.as_secs().to_string();
+        let (code, out, err) = tokio::task::block_in_place(|| {
+            admin(&addr, &["drain", &victim.to_string(), "--wait", "--timeout", &secs])
+        });
+        if code != 0 {
+            bail!("drain {victim} failed: {out}{err}");
+        }
+        let (code, out, err) =
+            tokio::task::block_in_place(|| admin(&addr, &["remove-node", &victim.to_string()]));
+        if code != 0 {
+            bail!("remove-node {victim} failed: {out}{err}");
+        }
+        let freed = self.cluster.host_of(victim).context("victim host")?;
+        if let Err(e) = tokio::task::block_in_place(|| self.cluster.stop(victim)) {
+            self.notes.push(format!("node {victim}: {e:#}"));
+            self.cluster.kill9(victim);
+        }
+        if let Some(n) = self.cluster.forget(victim) {
+            self.removed_logs.push(n.log);
+        }
+        self.spare.push(freed);
+        self.record(format!(
+            "node {victim} drained, removed and stopped ({})",
+            out.lines().last().unwrap_or_default()
         ));
         Ok(())
     }
