@@ -509,6 +509,11 @@ impl ShardClient {
                 {
                     note = s.to_string();
                 }
+                // The node hosts no replica of the shard (replicas move,
+                // issue 8): nothing was proposed; ask the next one.
+                Err(s) if s.code() == tonic::Code::NotFound => {
+                    note = s.to_string();
+                }
                 Err(s) if s.code() == tonic::Code::InvalidArgument => {
                     return Outcome::Fail(s.to_string())
                 }

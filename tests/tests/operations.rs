@@ -56,12 +56,10 @@ async fn growing_from_three_to_five_nodes_under_writes_spreads_replicas_and_lead
 
 #[tokio::test]
 async fn draining_and_removing_a_node_under_writes_loses_nothing_and_it_stays_out() {
-    let mut c = Cluster::start(ClusterOpts {
-        nodes: 4,
-        ..opts(4)
-    })
-    .await
-    .unwrap();
+    let mut c = Cluster::start(opts(4)).await.unwrap();
+    let joined = c.join_node(1, &timing_args()).await.unwrap();
+    assert_eq!(joined, 4);
+    c.wait_balanced(WAIT).await.unwrap();
     let node2 = c.node(2).addr.clone();
     let n = natter(&c);
     let convs = conversation_per_shard(&n).await.unwrap();
