@@ -495,7 +495,10 @@ impl<'a> Faults<'a> {
     /// its share, drain and remove an old node, stop it.
     async fn membership(&mut self) -> Result<()> {
         use natter_tests::ops::admin;
-        let host = self.spare.pop().context("no spare host for a joining node")?;
+        let host = self
+            .spare
+            .pop()
+            .context("no spare host for a joining node")?;
         let old = self.ids();
         let via = old[0];
         let listen = host.listen.clone();
@@ -516,7 +519,10 @@ impl<'a> Faults<'a> {
         let addr = self.cluster.node(id).addr.clone();
         let secs = limit.as_secs().to_string();
         let (code, out, err) = tokio::task::block_in_place(|| {
-            admin(&addr, &["drain", &victim.to_string(), "--wait", "--timeout", &secs])
+            admin(
+                &addr,
+                &["drain", &victim.to_string(), "--wait", "--timeout", &secs],
+            )
         });
         if code != 0 {
             bail!("drain {victim} failed: {out}{err}");

@@ -126,7 +126,8 @@ pub async fn run(cfg: &RunCfg) -> Result<RunResult> {
 
     let skew_dir = cfg.out_dir.join(format!("{tag}-clock"));
     let mut hosts = net.hosts();
-    let spare: Vec<natter_tests::NodeHost> = hosts.split_off(&(cfg.nodes + 1)).into_values().collect();
+    let spare: Vec<natter_tests::NodeHost> =
+        hosts.split_off(&(cfg.nodes + 1)).into_values().collect();
     if cfg.nemesis == Nemesis::ClockSkew {
         crate::hosts::ensure_package(
             &["sh", "-c", "ls /usr/lib/*/faketime/libfaketimeMT.so.1"],

@@ -10,11 +10,11 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use natter_model::pb;
 use natter_proto::cluster::node_server::Node;
 use natter_proto::cluster::{
-    propose_reply, read_reply, ChangeEvent, Consistency as PbConsistency,
-    ChangeReplicasReply, ChangeReplicasRequest, GroupStatus as PbGroupStatus, HostReplicaReply,
-    HostReplicaRequest, MetaResponse, RetireReply, RetireRequest, NotLeader, ProposeReply, ProposeRequest, ReadReply,
-    ReadRequest, ShardMap, ShardMapRequest, StatusReply, StatusRequest, TransferLeaderReply,
-    TransferLeaderRequest, WatchRequest,
+    propose_reply, read_reply, ChangeEvent, ChangeReplicasReply, ChangeReplicasRequest,
+    Consistency as PbConsistency, GroupStatus as PbGroupStatus, HostReplicaReply,
+    HostReplicaRequest, MetaResponse, NotLeader, ProposeReply, ProposeRequest, ReadReply,
+    ReadRequest, RetireReply, RetireRequest, ShardMap, ShardMapRequest, StatusReply, StatusRequest,
+    TransferLeaderReply, TransferLeaderRequest, WatchRequest,
 };
 use natter_raft_store::{Consistency, Error, RaftHost};
 use prost::Message;

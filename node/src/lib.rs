@@ -45,9 +45,14 @@ pub fn init_tracing(json: bool) {
 /// Runs the node until SIGINT or SIGTERM.
 pub async fn run(mut cfg: config::Config) -> Result<()> {
     if let Some(join) = cfg.join.clone() {
-        cfg.node_id =
-            membership::join_id(&join, &cfg.data_dir, cfg.node_id, &cfg.advertise, &cfg.region)
-                .await?;
+        cfg.node_id = membership::join_id(
+            &join,
+            &cfg.data_dir,
+            cfg.node_id,
+            &cfg.advertise,
+            &cfg.region,
+        )
+        .await?;
     }
     let host = RaftHost::open(HostConfig {
         node_id: cfg.node_id,
@@ -111,10 +116,7 @@ pub async fn run(mut cfg: config::Config) -> Result<()> {
     }
     bootstrap::start_groups(&host, &cfg).await?;
     let mut workers = workers::spawn(host.clone(), events, stop_rx.clone());
-    workers.push(membership::spawn_rebalancer(
-        host.clone(),
-        stop_rx.clone(),
-    ));
+    workers.push(membership::spawn_rebalancer(host.clone(), stop_rx.clone()));
     if let Some(listen) = &cfg.metrics_listen {
         let m = std::sync::Arc::new(metrics::Metrics::new(&host)?);
         workers.push(metrics::spawn_sampler(

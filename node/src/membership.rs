@@ -57,11 +57,7 @@ pub fn client(addr: &str, timeout: Duration) -> Result<NodeClient<Channel>> {
 /// Proposes a meta command through any of `seeds`, following NotLeader
 /// answers to the meta leader, retrying for up to `timeout`. Returns the meta
 /// group's answer (whose `error` may be set: a refusal, not a failure).
-pub async fn propose_meta(
-    seeds: &[String],
-    op: Op,
-    timeout: Duration,
-) -> Result<MetaResponse> {
+pub async fn propose_meta(seeds: &[String], op: Op, timeout: Duration) -> Result<MetaResponse> {
     let cmd = MetaCommand { op: Some(op) }.encode_to_vec();
     let deadline = tokio::time::Instant::now() + timeout;
     let mut targets: Vec<String> = seeds.to_vec();
@@ -437,7 +433,9 @@ pub fn spawn_rebalancer(
 }
 
 async fn meta_map(host: &RaftHost) -> Result<ShardMap> {
-    let (raw, _) = host.read(META_GROUP, &[], Consistency::Linearizable).await?;
+    let (raw, _) = host
+        .read(META_GROUP, &[], Consistency::Linearizable)
+        .await?;
     MetaResponse::decode(raw.as_slice())?
         .map
         .ok_or_else(|| anyhow!("cluster layout not recorded yet"))
@@ -445,10 +443,7 @@ async fn meta_map(host: &RaftHost) -> Result<ShardMap> {
 
 async fn propose_local(host: &RaftHost, op: Op) -> Result<ShardMap> {
     let p = host
-        .propose(
-            META_GROUP,
-            MetaCommand { op: Some(op) }.encode_to_vec(),
-        )
+        .propose(META_GROUP, MetaCommand { op: Some(op) }.encode_to_vec())
         .await?;
     let r = MetaResponse::decode(p.response.as_slice())?;
     if !r.error.is_empty() {
@@ -610,7 +605,12 @@ async fn move_replica(map: &ShardMap, v: &ShardView, from: u64, to: u64) -> Resu
             .host_replica(HostReplicaRequest { shard, host: false })
             .await
         {
-            tracing::warn!(shard, node = from, "deleting the old replica: {}", e.message());
+            tracing::warn!(
+                shard,
+                node = from,
+                "deleting the old replica: {}",
+                e.message()
+            );
         }
     }
     Ok(())
@@ -654,8 +654,15 @@ async fn meta_membership(
             && map.nodes.iter().any(|n| n.id == *id && !n.draining)
             && (st.contains_key(id) || *id == me)
     };
-    let mut voters: BTreeSet<u64> = g.voters.iter().copied().filter(|v| registered(*v)).collect();
-    let want = META_VOTERS.min(map.nodes.iter().filter(|n| !n.draining).count()).max(1);
+    let mut voters: BTreeSet<u64> = g
+        .voters
+        .iter()
+        .copied()
+        .filter(|v| registered(*v))
+        .collect();
+    let want = META_VOTERS
+        .min(map.nodes.iter().filter(|n| !n.draining).count())
+        .max(1);
     // Draining voters give way when a replacement exists.
     for v in g.voters.iter().copied() {
         if voters.len() >= want && !good(&v) && v != me && voters.contains(&v) {
@@ -685,7 +692,11 @@ async fn meta_membership(
         return Ok(true);
     }
     // Removed nodes out of the meta group, then retired.
-    let gone: BTreeSet<u64> = members.iter().copied().filter(|m| !registered(*m)).collect();
+    let gone: BTreeSet<u64> = members
+        .iter()
+        .copied()
+        .filter(|m| !registered(*m))
+        .collect();
     if !gone.is_empty() && gone.iter().all(|m| !current.contains(m)) {
         tracing::info!(?gone, "removing removed nodes from the meta group");
         host.remove_learners(META_GROUP, gone.clone()).await?;
@@ -725,7 +736,10 @@ pub async fn hand_off_all(host: &Arc<RaftHost>, budget: Duration) {
     if led.is_empty() {
         return;
     }
-    tracing::info!(groups = led.len(), "handing leaderships off before stopping");
+    tracing::info!(
+        groups = led.len(),
+        "handing leaderships off before stopping"
+    );
     let jobs = led.into_iter().map(|(group, to, addr)| {
         let host = host.clone();
         async move {
@@ -809,7 +823,9 @@ mod tests {
             steps += 1;
             assert!(steps < 200, "does not converge: {step:?}");
             match step {
-                Step::Move { shard, from, to, .. } => {
+                Step::Move {
+                    shard, from, to, ..
+                } => {
                     let s = v.get_mut(&shard).unwrap();
                     assert!(!s.voters.contains(&to), "two replicas on one node");
                     s.voters.remove(&from);
@@ -817,7 +833,11 @@ mod tests {
                 }
                 Step::Transfer { shard, to, .. } => v.get_mut(&shard).unwrap().leader = to,
                 Step::SetPlacement { shard, replicas } => {
-                    m.shards.iter_mut().find(|p| p.shard == shard).unwrap().replicas = replicas
+                    m.shards
+                        .iter_mut()
+                        .find(|p| p.shard == shard)
+                        .unwrap()
+                        .replicas = replicas
                 }
                 other => panic!("unexpected {other:?}"),
             }
@@ -829,10 +849,23 @@ mod tests {
     fn a_new_node_gets_its_share_and_leaders_spread() {
         let all: &[u64] = &[1, 2, 3];
         let mut m = map(
-            &[(1, "a", false), (2, "a", false), (3, "a", false), (4, "a", false), (5, "a", false)],
+            &[
+                (1, "a", false),
+                (2, "a", false),
+                (3, "a", false),
+                (4, "a", false),
+                (5, "a", false),
+            ],
             &[(1, all), (2, all), (3, all), (4, all), (5, all), (6, all)],
         );
-        let mut v = views(&[(1, 1, all), (2, 1, all), (3, 1, all), (4, 2, all), (5, 2, all), (6, 3, all)]);
+        let mut v = views(&[
+            (1, 1, all),
+            (2, 1, all),
+            (3, 1, all),
+            (4, 2, all),
+            (5, 2, all),
+            (6, 3, all),
+        ]);
         settle(&mut m, &mut v);
         for id in 1..=5u64 {
             let n = v.values().filter(|s| s.voters.contains(&id)).count();
@@ -850,7 +883,16 @@ mod tests {
         let s: &[u64] = &[1, 2, 3];
         let t: &[u64] = &[4, 5, 6];
         let mut m = map(
-            &[(1, "a", true), (2, "a", false), (3, "a", false), (7, "a", false), (4, "b", false), (5, "b", false), (6, "b", false), (8, "b", false)],
+            &[
+                (1, "a", true),
+                (2, "a", false),
+                (3, "a", false),
+                (7, "a", false),
+                (4, "b", false),
+                (5, "b", false),
+                (6, "b", false),
+                (8, "b", false),
+            ],
             &[(1, s), (2, t)],
         );
         m.shards[1].region = "b".into();
@@ -864,7 +906,15 @@ mod tests {
     #[test]
     fn strays_and_learners_are_cleaned_before_moves() {
         let all: &[u64] = &[1, 2, 3];
-        let m = map(&[(1, "a", false), (2, "a", false), (3, "a", false), (4, "a", false)], &[(1, all)]);
+        let m = map(
+            &[
+                (1, "a", false),
+                (2, "a", false),
+                (3, "a", false),
+                (4, "a", false),
+            ],
+            &[(1, all)],
+        );
         let mut v = views(&[(1, 1, all)]);
         let up: BTreeSet<u64> = [1, 2, 3, 4].into();
         let hosted = BTreeMap::from([(4, BTreeSet::from([0, 1]))]);
@@ -875,7 +925,11 @@ mod tests {
         v.get_mut(&1).unwrap().learners.insert(4);
         assert_eq!(
             plan(&m, &up, &hosted, &v),
-            Some(Step::DropLearner { shard: 1, leader: 1, node: 4 })
+            Some(Step::DropLearner {
+                shard: 1,
+                leader: 1,
+                node: 4
+            })
         );
     }
 }

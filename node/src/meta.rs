@@ -234,7 +234,9 @@ impl Meta {
                     .collect();
                 if !held.is_empty() {
                     return Ok(reply(
-                        format!("node {id} still holds replicas of shards {held:?}: drain it first"),
+                        format!(
+                            "node {id} still holds replicas of shards {held:?}: drain it first"
+                        ),
                         Some(map),
                     ));
                 }
@@ -410,14 +412,34 @@ mod tests {
         assert_eq!((r.error.as_str(), r.node_id), ("", 4));
         // The same address twice is refused (a lost reply must not mint a
         // second id silently).
-        assert!(run(&mut kv, Op::Join(join("10.0.0.4:1"))).error.contains("registered to node 4"));
-        // Draining one of four is fine; a second would leave 2 < 3 replicas.
-        assert_eq!(run(&mut kv, Op::Drain(DrainNode { id: 1, draining: true })).error, "");
-        assert!(run(&mut kv, Op::Drain(DrainNode { id: 2, draining: true }))
+        assert!(run(&mut kv, Op::Join(join("10.0.0.4:1")))
             .error
-            .contains("fewer nodes"));
+            .contains("registered to node 4"));
+        // Draining one of four is fine; a second would leave 2 < 3 replicas.
+        assert_eq!(
+            run(
+                &mut kv,
+                Op::Drain(DrainNode {
+                    id: 1,
+                    draining: true
+                })
+            )
+            .error,
+            ""
+        );
+        assert!(run(
+            &mut kv,
+            Op::Drain(DrainNode {
+                id: 2,
+                draining: true
+            })
+        )
+        .error
+        .contains("fewer nodes"));
         // Node 1 still holds replicas: removal refused until placement moves.
-        assert!(run(&mut kv, Op::RemoveNode(1)).error.contains("still holds replicas"));
+        assert!(run(&mut kv, Op::RemoveNode(1))
+            .error
+            .contains("still holds replicas"));
         for shard in 1..=2 {
             assert_eq!(
                 run(
@@ -450,7 +472,15 @@ mod tests {
         // Ids keep growing after a removal.
         assert_eq!(run(&mut kv, Op::Join(join("10.0.0.5:1"))).node_id, 5);
         // Removing another would break the region's replica count.
-        assert!(run(&mut kv, Op::Drain(DrainNode { id: 5, draining: true })).error.is_empty());
+        assert!(run(
+            &mut kv,
+            Op::Drain(DrainNode {
+                id: 5,
+                draining: true
+            })
+        )
+        .error
+        .is_empty());
         for shard in 1..=2 {
             run(
                 &mut kv,
@@ -461,6 +491,8 @@ mod tests {
                 }),
             );
         }
-        assert!(run(&mut kv, Op::RemoveNode(2)).error.contains("still holds"));
+        assert!(run(&mut kv, Op::RemoveNode(2))
+            .error
+            .contains("still holds"));
     }
 }

@@ -79,9 +79,21 @@ impl Metrics {
         r.register(Box::new(appends.clone()))?;
         Ok(Metrics {
             term: gauge(r, "natter_group_term", "Current Raft term, per group.")?,
-            leader: gauge(r, "natter_group_leader", "Leader's node id (0: none known).")?,
-            is_leader: gauge(r, "natter_group_is_leader", "1 when this node leads the group.")?,
-            last_log: gauge(r, "natter_group_last_log_index", "Last Raft log index held.")?,
+            leader: gauge(
+                r,
+                "natter_group_leader",
+                "Leader's node id (0: none known).",
+            )?,
+            is_leader: gauge(
+                r,
+                "natter_group_is_leader",
+                "1 when this node leads the group.",
+            )?,
+            last_log: gauge(
+                r,
+                "natter_group_last_log_index",
+                "Last Raft log index held.",
+            )?,
             commit: gauge(
                 r,
                 "natter_group_commit_index",
@@ -132,10 +144,14 @@ pub fn spawn_sampler(
                 let label = g.group.to_string();
                 let l = [label.as_str()];
                 m.term.with_label_values(&l).set(g.term as i64);
-                m.leader.with_label_values(&l).set(g.leader.unwrap_or(0) as i64);
+                m.leader
+                    .with_label_values(&l)
+                    .set(g.leader.unwrap_or(0) as i64);
                 let leads = g.leader == Some(me) && g.state == "Leader";
                 m.is_leader.with_label_values(&l).set(leads as i64);
-                m.last_log.with_label_values(&l).set(g.last_log_index as i64);
+                m.last_log
+                    .with_label_values(&l)
+                    .set(g.last_log_index as i64);
                 m.commit.with_label_values(&l).set(g.committed_index as i64);
                 m.applied.with_label_values(&l).set(g.applied_index as i64);
                 m.apply_lag
@@ -254,7 +270,10 @@ pub async fn serve(
             get(|State(c): State<Ctx>| async move {
                 match not_ready(&c.host) {
                     None => (StatusCode::OK, "ready\n".to_string()),
-                    Some(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}\n")),
+                    Some(why) => (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        format!("not ready: {why}\n"),
+                    ),
                 }
             }),
         )

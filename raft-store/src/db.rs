@@ -218,7 +218,11 @@ pub fn open(dir: &Path, node_id: u64, verify: bool) -> Result<DB, StoreError> {
             }
         }
     }
-    if db.get_cf(meta, RETIRED_KEY).map_err(StoreError::rocks)?.is_some() {
+    if db
+        .get_cf(meta, RETIRED_KEY)
+        .map_err(StoreError::rocks)?
+        .is_some()
+    {
         return Err(StoreError::Retired(node_id));
     }
     if let Some(mark) = read_sync_mark(dir)? {
@@ -245,9 +249,10 @@ pub fn stored_node_id(dir: &Path) -> Result<Option<u64>, StoreError> {
         return Ok(None);
     }
     let opts = Options::default();
-    let db = DB::open_cf_for_read_only(&opts, dir, [CF_LOG, CF_META, CF_SM], false).map_err(
-        |e| StoreError::Corrupt(format!("cannot open RocksDB in {}: {e}", dir.display())),
-    )?;
+    let db =
+        DB::open_cf_for_read_only(&opts, dir, [CF_LOG, CF_META, CF_SM], false).map_err(|e| {
+            StoreError::Corrupt(format!("cannot open RocksDB in {}: {e}", dir.display()))
+        })?;
     match db
         .get_cf(cf(&db, CF_META)?, IDENTITY_KEY)
         .map_err(StoreError::rocks)?

@@ -264,7 +264,9 @@ impl RaftHost {
             &self.shared.write_opts(true),
         )
         .map_err(StoreError::rocks)?;
-        tracing::warn!("this node was removed from the cluster: every group deleted, tombstone written");
+        tracing::warn!(
+            "this node was removed from the cluster: every group deleted, tombstone written"
+        );
         Ok(())
     }
 

@@ -12,9 +12,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use natter_model::pb::response::R;
 
 use crate::natter::{decode, uuid, Natter};
-use crate::{
-    bin, free_port, tail, Cluster, ClusterOpts, NodeHost, NodeProc, Outcome, ShardClient,
-};
+use crate::{bin, free_port, tail, Cluster, ClusterOpts, NodeHost, NodeProc, Outcome, ShardClient};
 
 pub const ALICE: &str = "00000000-0000-4000-8000-00000000a11c";
 
@@ -186,7 +184,12 @@ impl Cluster {
             *b.leads.entry(*l).or_default() += 1;
         }
         b.shards = map.shards.len();
-        b.draining = map.nodes.iter().filter(|n| n.draining).map(|n| n.id).collect();
+        b.draining = map
+            .nodes
+            .iter()
+            .filter(|n| n.draining)
+            .map(|n| n.id)
+            .collect();
         Ok(b)
     }
 
@@ -291,13 +294,12 @@ pub fn metrics_args() -> (Vec<String>, String) {
 /// GET `path` from `addr` (plain HTTP/1.1): (status, body).
 pub async fn http_get(addr: &str, path: &str) -> Result<(u16, String)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::time::timeout(
-        Duration::from_secs(5),
-        tokio::net::TcpStream::connect(addr),
+    let mut s = tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(addr))
+        .await??;
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
     )
-    .await??;
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes())
-        .await?;
+    .await?;
     let mut buf = Vec::new();
     tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf)).await??;
     let text = String::from_utf8_lossy(&buf).to_string();
@@ -315,12 +317,10 @@ pub async fn http_get(addr: &str, path: &str) -> Result<(u16, String)> {
 
 /// The value of a sample (`name{labels} value`) in a text exposition.
 pub fn sample(text: &str, name_and_labels: &str) -> Option<f64> {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .find_map(|l| {
-            let (k, v) = l.rsplit_once(' ')?;
-            (k == name_and_labels).then(|| v.parse().ok())?
-        })
+    text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+        let (k, v) = l.rsplit_once(' ')?;
+        (k == name_and_labels).then(|| v.parse().ok())?
+    })
 }
 
 /// Writers append uniquely numbered messages to one conversation per shard
@@ -351,8 +351,7 @@ impl Load {
         let tasks = convs
             .iter()
             .map(|conv| {
-                let (n, conv, acked, stop) =
-                    (n.clone(), conv.clone(), acked.clone(), stop.clone());
+                let (n, conv, acked, stop) = (n.clone(), conv.clone(), acked.clone(), stop.clone());
                 let run = uuid();
                 tokio::spawn(async move {
                     let mut i = 0u64;

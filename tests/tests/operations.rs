@@ -8,8 +8,7 @@
 use std::time::{Duration, Instant};
 
 use natter_tests::ops::{
-    admin, check_acked, conversation_per_shard, http_get, metrics_args, natter, opts, sample,
-    Load,
+    admin, check_acked, conversation_per_shard, http_get, metrics_args, natter, opts, sample, Load,
 };
 use natter_tests::{Cluster, ClusterOpts};
 
@@ -36,7 +35,9 @@ async fn growing_from_three_to_five_nodes_under_writes_spreads_replicas_and_lead
         let (min, max) = (counts.iter().min().unwrap(), counts.iter().max().unwrap());
         assert!(max - min <= 1, "replicas not even: {b:?}");
         assert!(
-            b.leads.values().all(|l| *l <= 6usize.div_ceil(expected_nodes) + 1),
+            b.leads
+                .values()
+                .all(|l| *l <= 6usize.div_ceil(expected_nodes) + 1),
             "leaders not spread: {b:?}"
         );
         for voters in b.voters.values() {
@@ -46,7 +47,14 @@ async fn growing_from_three_to_five_nodes_under_writes_spreads_replicas_and_lead
         load.wait_for_more(20, WAIT).await.unwrap();
     }
     // Ids are fresh: 4 then 5.
-    let ids = c.shard_map().await.unwrap().nodes.iter().map(|n| n.id).collect::<Vec<_>>();
+    let ids = c
+        .shard_map()
+        .await
+        .unwrap()
+        .nodes
+        .iter()
+        .map(|n| n.id)
+        .collect::<Vec<_>>();
     assert_eq!(ids, vec![1, 2, 3, 4, 5]);
 
     let acked = load.finish().await;
@@ -147,9 +155,16 @@ async fn status_json_and_metrics_scrape_reflect_the_cluster_and_move_with_writes
     assert_eq!(code, 0, "{json}{err}");
     let v: serde_json::Value = serde_json::from_str(&json).unwrap();
     assert_eq!(v["nodes"].as_array().map(Vec::len), Some(4), "{json}");
-    assert!(v["nodes"].as_array().unwrap().iter().all(|n| n["up"] == true));
+    assert!(v["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|n| n["up"] == true));
     assert_eq!(v["healthy"], true);
-    assert!(v["summary"].as_str().unwrap().contains("4/4 nodes up, 4/4 shards with a leader"));
+    assert!(v["summary"]
+        .as_str()
+        .unwrap()
+        .contains("4/4 nodes up, 4/4 shards with a leader"));
     let shards = v["shards"].as_array().unwrap();
     assert_eq!(shards.len(), 4);
     let mut total_replicas = 0;
@@ -198,7 +213,10 @@ async fn status_json_and_metrics_scrape_reflect_the_cluster_and_move_with_writes
     let fsyncs0 = sample(&before, "natter_wal_fsync_seconds_count").unwrap();
 
     let n = natter(&c);
-    let conv = n.create_group_on(shard, natter_tests::ops::ALICE, &[]).await.unwrap();
+    let conv = n
+        .create_group_on(shard, natter_tests::ops::ALICE, &[])
+        .await
+        .unwrap();
     for i in 0..10 {
         let cmid = format!("m{i}");
         n.exec(natter_tests::natter::Natter::send_op(

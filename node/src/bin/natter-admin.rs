@@ -17,10 +17,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
-use natter_proto::cluster::node_client::NodeClient;
 use natter_node::membership::fetch_map;
+use natter_proto::cluster::node_client::NodeClient;
 use natter_proto::cluster::{
-    meta_command::Op, Consistency, DrainNode, ShardMap, ShardMapRequest, StatusReply, StatusRequest, TransferLeaderRequest,
+    meta_command::Op, Consistency, DrainNode, ShardMap, ShardMapRequest, StatusReply,
+    StatusRequest, TransferLeaderRequest,
 };
 use serde::Serialize;
 use tonic::transport::{Channel, Endpoint};
@@ -295,7 +296,9 @@ async fn main() -> Result<()> {
         }
         Cmd::Drain { id, wait, timeout } => {
             meta(&args.node, Op::Drain(DrainNode { id, draining: true })).await?;
-            println!("node {id} is draining: the rebalancer moves its leaderships and replicas off");
+            println!(
+                "node {id} is draining: the rebalancer moves its leaderships and replicas off"
+            );
             if wait {
                 let deadline = Instant::now() + Duration::from_secs(timeout);
                 loop {
@@ -318,7 +321,14 @@ async fn main() -> Result<()> {
             }
         }
         Cmd::Undrain { id } => {
-            meta(&args.node, Op::Drain(DrainNode { id, draining: false })).await?;
+            meta(
+                &args.node,
+                Op::Drain(DrainNode {
+                    id,
+                    draining: false,
+                }),
+            )
+            .await?;
             println!("node {id} takes replicas again");
         }
         Cmd::RemoveNode { id, timeout } => {
