@@ -325,8 +325,11 @@ pub fn sample(text: &str, name_and_labels: &str) -> Option<f64> {
 
 /// Writers append uniquely numbered messages to one conversation per shard
 /// and record what was acknowledged (with the time of each ack).
+/// Acknowledged texts per conversation, with the time of each ack.
+pub type Acked = Arc<Mutex<BTreeMap<String, Vec<(String, Instant)>>>>;
+
 pub struct Load {
-    pub acked: Arc<Mutex<BTreeMap<String, Vec<(String, Instant)>>>>,
+    pub acked: Acked,
     stop: Arc<AtomicBool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -346,7 +349,7 @@ pub fn natter(c: &Cluster) -> Natter {
 
 impl Load {
     pub fn start(n: &Natter, convs: &[String]) -> Load {
-        let acked: Arc<Mutex<BTreeMap<String, Vec<(String, Instant)>>>> = Default::default();
+        let acked: Acked = Default::default();
         let stop = Arc::new(AtomicBool::new(false));
         let tasks = convs
             .iter()

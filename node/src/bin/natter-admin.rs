@@ -345,7 +345,7 @@ async fn main() -> Result<()> {
             // tells it to retire; wait for that, telling it again if needed.
             let deadline = Instant::now() + Duration::from_secs(timeout);
             loop {
-                let gone = match natter_node::membership::statuses(&fetch_map(&args.node).await?)
+                let gone = natter_node::membership::statuses(&fetch_map(&args.node).await?)
                     .await
                     .values()
                     .find_map(|s| {
@@ -353,10 +353,8 @@ async fn main() -> Result<()> {
                             .iter()
                             .find(|g| g.group == 0 && g.state == "Leader")
                             .map(|g| !g.voters.contains(&id) && !g.learners.contains(&id))
-                    }) {
-                    Some(g) => g,
-                    None => false,
-                };
+                    })
+                    .unwrap_or_default();
                 if gone {
                     match natter_node::membership::retire(&addr, id).await {
                         Ok(()) => println!("node {id} retired: its process can be stopped"),
