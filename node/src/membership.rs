@@ -386,12 +386,16 @@ pub fn plan(
         return Some(step);
     }
     // Leader balance among eligible nodes.
+    let eligible_count = map.nodes.iter().filter(|n| eligible(n.id)).count().max(1);
+    let fair = views.len().div_ceil(eligible_count);
     let mut best: Option<(usize, Step)> = None;
     for v in views.values() {
         let from = v.leader;
         for to in v.voters.iter().copied().filter(|id| eligible(*id)) {
             let (lf, lt) = (leads(from), leads(to));
-            if lf > lt + 1 && best.as_ref().is_none_or(|(gap, _)| lf - lt > *gap) {
+            // Only above the fair share: an operator's transfer that leaves
+            // every node at or below it is not undone.
+            if lf > lt + 1 && lf > fair && best.as_ref().is_none_or(|(gap, _)| lf - lt > *gap) {
                 best = Some((
                     lf - lt,
                     Step::Transfer {
