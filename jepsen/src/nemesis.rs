@@ -42,6 +42,10 @@ pub enum Nemesis {
     Corrupt,
     /// kill -9 of every node at once, restarted at heal.
     KillAll,
+    /// Membership change under load: a fresh node joins (on a spare host)
+    /// and takes its share of replicas, then a random old node is drained,
+    /// removed and stopped; its host becomes the next spare.
+    Membership,
     /// Every node behind a TCP proxy (no netem here); random links get
     /// 5..200 ms of latency with jitter, order kept.
     Slow,
@@ -60,7 +64,7 @@ pub enum Nemesis {
     WalLoss,
 }
 
-pub const ALL: [Nemesis; 13] = [
+pub const ALL: [Nemesis; 14] = [
     Nemesis::Partition,
     Nemesis::PartitionLeader,
     Nemesis::PartitionBridge,
@@ -74,6 +78,7 @@ pub const ALL: [Nemesis; 13] = [
     Nemesis::Slow,
     Nemesis::Flaky,
     Nemesis::CorruptWal,
+    Nemesis::Membership,
 ];
 
 /// Nemeses that exist but are not part of `all` / `short` / `long`.
@@ -94,6 +99,7 @@ impl Nemesis {
             Nemesis::KillAll => "kill-all",
             Nemesis::Slow => "slow",
             Nemesis::Flaky => "flaky",
+            Nemesis::Membership => "membership",
             Nemesis::CorruptWal => "corrupt-wal",
             Nemesis::WalLoss => "wal-loss",
         }
@@ -167,6 +173,10 @@ pub struct Faults<'a> {
     pub notes: Vec<String>,
     /// The proxies in front of the nodes, for `slow` and `flaky`.
     pub proxies: Option<&'a Proxies>,
+    /// Hosts with no node on them, for nodes that join ([`Nemesis::Membership`]).
+    pub spare: Vec<natter_tests::NodeHost>,
+    /// Logs of nodes removed from the cluster (kept with the run's logs).
+    pub removed_logs: Vec<PathBuf>,
     active: Active,
 }
 
@@ -192,6 +202,8 @@ impl<'a> Faults<'a> {
             corrupt_started: 0,
             notes: Vec::new(),
             proxies: None,
+            spare: Vec::new(),
+            removed_logs: Vec::new(),
             active: Active::default(),
         }
     }
@@ -383,6 +395,10 @@ impl<'a> Faults<'a> {
                 self.wal_loss(hold).await?;
                 return Ok(());
             }
+            Nemesis::Membership => {
+                self.membership().await?;
+                return Ok(());
+            }
             Nemesis::KillAll => {
                 self.kill(&all);
                 self.record(format!("kill -9 all {all:?}"));
@@ -551,6 +567,63 @@ impl<'a> Faults<'a> {
             } else {
                 "STARTED (anomaly)"
             }
+        ));
+        Ok(())
+    }
+
+    /// [`Nemesis::Membership`]: join a fresh node, let the rebalancer give it
+    /// its share, drain and remove an old node, stop it.
+    async fn membership(&mut self) -> Result<()> {
+        use natter_tests::ops::admin;
+        let host = self
+            .spare
+            .pop()
+            .context("no spare host for a joining node")?;
+        let old = self.ids();
+        let via = old[0];
+        let listen = host.listen.clone();
+        let id = self
+            .cluster
+            .join_node_on(via, host, &natter_tests::ClusterOpts::default().node_args)
+            .await?;
+        self.record(format!("node {id} joined on {listen}"));
+        let limit = Duration::from_secs(120);
+        match self.cluster.wait_balanced(limit).await {
+            Ok(b) => self.record(format!(
+                "rebalanced onto node {id}: replicas {:?}, leaders {:?}",
+                b.replicas, b.leads
+            )),
+            Err(e) => bail!("the cluster did not rebalance onto node {id}: {e:#}"),
+        }
+        let victim = old[self.rng.gen_range(0..old.len())];
+        let addr = self.cluster.node(id).addr.clone();
+        let secs = limit.as_secs().to_string();
+        let (code, out, err) = tokio::task::block_in_place(|| {
+            admin(
+                &addr,
+                &["drain", &victim.to_string(), "--wait", "--timeout", &secs],
+            )
+        });
+        if code != 0 {
+            bail!("drain {victim} failed: {out}{err}");
+        }
+        let (code, out, err) =
+            tokio::task::block_in_place(|| admin(&addr, &["remove-node", &victim.to_string()]));
+        if code != 0 {
+            bail!("remove-node {victim} failed: {out}{err}");
+        }
+        let freed = self.cluster.host_of(victim).context("victim host")?;
+        if let Err(e) = tokio::task::block_in_place(|| self.cluster.stop(victim)) {
+            self.notes.push(format!("node {victim}: {e:#}"));
+            self.cluster.kill9(victim);
+        }
+        if let Some(n) = self.cluster.forget(victim) {
+            self.removed_logs.push(n.log);
+        }
+        self.spare.push(freed);
+        self.record(format!(
+            "node {victim} drained, removed and stopped ({})",
+            out.lines().last().unwrap_or_default()
         ));
         Ok(())
     }

@@ -118,13 +118,17 @@ pub async fn run(cfg: &RunCfg) -> Result<RunResult> {
     let history = cfg.out_dir.join(format!("{tag}.jsonl"));
     let logs = cfg.out_dir.join(format!("{tag}-logs"));
     let rec = Recorder::new(Some(&history))?;
-    let mut net = tokio::task::block_in_place(|| Net::setup(cfg.nodes, cfg.force_loopback))?;
+    // The membership nemesis needs one spare host for the node that joins.
+    let hosts_wanted = cfg.nodes + u64::from(cfg.nemesis == Nemesis::Membership);
+    let mut net = tokio::task::block_in_place(|| Net::setup(hosts_wanted, cfg.force_loopback))?;
     let mode = net.mode;
     let fallback_reason = net.fallback_reason.clone();
     tracing::info!(nemesis = cfg.nemesis.name(), seed = cfg.seed, %mode, "run starts");
 
     let skew_dir = cfg.out_dir.join(format!("{tag}-clock"));
     let mut hosts = net.hosts();
+    let spare: Vec<natter_tests::NodeHost> =
+        hosts.split_off(&(cfg.nodes + 1)).into_values().collect();
     if cfg.nemesis == Nemesis::ClockSkew {
         crate::hosts::ensure_package(
             &["sh", "-c", "ls /usr/lib/*/faketime/libfaketimeMT.so.1"],
@@ -167,7 +171,7 @@ pub async fn run(cfg: &RunCfg) -> Result<RunResult> {
         Ok(Err(e)) => return Err(e.context("starting the cluster")),
         Err(_) => anyhow::bail!("the cluster did not start within 120 s"),
     };
-    let outcome = drive(cfg, &rec, &mut cluster, &net, proxies.as_ref()).await;
+    let outcome = drive(cfg, &rec, &mut cluster, &net, proxies.as_ref(), spare).await;
     // Keep the node logs next to the history.
     let _ = std::fs::create_dir_all(&logs);
     for n in cluster.nodes.values() {
@@ -206,6 +210,7 @@ async fn drive(
     cluster: &mut Cluster,
     net: &Net,
     proxies: Option<&Proxies>,
+    spare: Vec<natter_tests::NodeHost>,
 ) -> Result<Drive> {
     let natter = Natter::new(ShardClient::new(cluster.addrs()), cluster.shards);
     let client = NodeApiClient {
@@ -253,6 +258,7 @@ async fn drive(
     let frng = StdRng::seed_from_u64(rng.gen());
     let mut faults = Faults::new(cluster, net, rec.clone(), frng, skew_dir_of(cfg));
     faults.proxies = proxies;
+    faults.spare = spare;
     let end = Instant::now() + cfg.time_limit;
     let mut fault_err = None;
     loop {

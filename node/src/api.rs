@@ -10,10 +10,11 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use natter_model::pb;
 use natter_proto::cluster::node_server::Node;
 use natter_proto::cluster::{
-    propose_reply, read_reply, ChangeEvent, Consistency as PbConsistency,
-    GroupStatus as PbGroupStatus, MetaResponse, NotLeader, ProposeReply, ProposeRequest, ReadReply,
-    ReadRequest, ShardMap, ShardMapRequest, StatusReply, StatusRequest, TransferLeaderReply,
-    TransferLeaderRequest, WatchRequest,
+    propose_reply, read_reply, ChangeEvent, ChangeReplicasReply, ChangeReplicasRequest,
+    Consistency as PbConsistency, GroupStatus as PbGroupStatus, HostReplicaReply,
+    HostReplicaRequest, MetaResponse, NotLeader, ProposeReply, ProposeRequest, ReadReply,
+    ReadRequest, RetireReply, RetireRequest, ShardMap, ShardMapRequest, StatusReply, StatusRequest,
+    TransferLeaderReply, TransferLeaderRequest, WatchRequest,
 };
 use natter_proto::cluster::{
     GetPresenceReply, GetPresenceRequest, ReportPresenceReply, ReportPresenceRequest, TypingReply,
@@ -178,7 +179,7 @@ impl Node for NodeApi {
                 term: g.term,
                 leader_id: g.leader.unwrap_or(0),
                 last_log_index: g.last_log_index,
-                committed_index: g.applied_index,
+                committed_index: g.committed_index,
                 applied_index: g.applied_index,
                 snapshot_index: g.snapshot_index,
                 purged_index: g.purged_index,
@@ -303,15 +304,95 @@ impl Node for NodeApi {
                 req.to, req.shard
             ))
         })?;
+        transfer(&self.host, req.shard, req.to, &addr)
+            .await
+            .map(|_| Response::new(TransferLeaderReply {}))
+    }
+
+    async fn host_replica(
+        &self,
+        request: Request<HostReplicaRequest>,
+    ) -> Result<Response<HostReplicaReply>, Status> {
+        let req = request.into_inner();
+        crate::membership::host_replica(&self.host, req.shard, req.host)
+            .await
+            .map_err(|e| Status::failed_precondition(format!("{e:#}")))?;
+        Ok(Response::new(HostReplicaReply {}))
+    }
+
+    async fn change_replicas(
+        &self,
+        request: Request<ChangeReplicasRequest>,
+    ) -> Result<Response<ChangeReplicasReply>, Status> {
+        let req = request.into_inner();
+        let err = |e: Error| match classify(e) {
+            Ok(nl) => Status::failed_precondition(format!(
+                "not the leader of shard {}; leader is node {}",
+                req.shard, nl.leader_id
+            )),
+            Err(s) => s,
+        };
+        if !self.host.is_leader(req.shard) {
+            return Err(Status::failed_precondition(format!(
+                "node {} does not lead shard {}",
+                self.host.node_id(),
+                req.shard
+            )));
+        }
+        if req.add_learner != 0 {
+            if req.learner_addr.is_empty() || req.learner_addr.len() > crate::meta::MAX_LABEL {
+                return Err(Status::invalid_argument("a learner needs an address"));
+            }
+            self.host
+                .add_learner(req.shard, req.add_learner, &req.learner_addr)
+                .await
+                .map_err(err)?;
+        }
+        if !req.voters.is_empty() {
+            let voters: std::collections::BTreeSet<u64> = req.voters.iter().copied().collect();
+            if voters.len() != req.voters.len() || voters.contains(&0) {
+                return Err(Status::invalid_argument("voters must be distinct node ids"));
+            }
+            self.host
+                .change_voters(req.shard, voters)
+                .await
+                .map_err(err)?;
+        }
+        if !req.remove_learners.is_empty() {
+            self.host
+                .remove_learners(req.shard, req.remove_learners.iter().copied().collect())
+                .await
+                .map_err(err)?;
+        }
+        let g = self
+            .host
+            .status()
+            .into_iter()
+            .find(|g| g.group == req.shard)
+            .unwrap_or_default();
+        Ok(Response::new(ChangeReplicasReply {
+            voters: g.voters,
+            learners: g.learners,
+        }))
+    }
+
+    async fn retire(
+        &self,
+        request: Request<RetireRequest>,
+    ) -> Result<Response<RetireReply>, Status> {
+        let req = request.into_inner();
+        if req.node_id != self.host.node_id() {
+            return Err(Status::invalid_argument(format!(
+                "this is node {}, not node {}",
+                self.host.node_id(),
+                req.node_id
+            )));
+        }
         self.host
-            .set_handing_off(req.shard, Some((req.to, addr.clone())))
-            .map_err(unknown)?;
-        let outcome = hand_off(&self.host, req.shard, req.to, &addr).await;
-        // Whatever happened, this node takes part in elections again.
-        self.host
-            .set_handing_off(req.shard, None)
-            .map_err(unknown)?;
-        outcome.map(|_| Response::new(TransferLeaderReply {}))
+            .retire()
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?;
+        Ok(Response::new(RetireReply {}))
     }
 
     async fn shard_map(
@@ -336,6 +417,23 @@ impl Node for NodeApi {
             }
         }
     }
+}
+
+/// Hands this leader's `group` to `to` (a member at `addr`): refuses writes
+/// meanwhile, and always resumes taking part in elections afterwards.
+pub(crate) async fn transfer(
+    host: &RaftHost,
+    group: u32,
+    to: u64,
+    addr: &str,
+) -> Result<(), Status> {
+    let unknown = |e: Error| Status::unavailable(e.to_string());
+    host.set_handing_off(group, Some((to, addr.to_string())))
+        .map_err(unknown)?;
+    let outcome = hand_off(host, group, to, addr).await;
+    // Whatever happened, this node takes part in elections again.
+    host.set_handing_off(group, None).map_err(unknown)?;
+    outcome
 }
 
 /// Hands `shard` to `to` (writes are already refused): first waits until

@@ -13,7 +13,9 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use natter_model::Model;
-use natter_proto::cluster::{meta_command::Op, MetaCommand, MetaResponse, NodeInfo, ShardMap};
+use natter_proto::cluster::{
+    meta_command::Op, MetaCommand, MetaResponse, NodeInfo, ShardMap, ShardPlacement,
+};
 use natter_raft_store::{Consistency, RaftHost};
 use prost::Message;
 
@@ -24,8 +26,8 @@ use crate::META_GROUP;
 pub async fn start_groups(host: &Arc<RaftHost>, cfg: &Config) -> Result<()> {
     let me = cfg.node_id;
     let on_disk = host.groups_on_disk()?;
-    if !cfg.initial_cluster.contains_key(&me) && on_disk.is_empty() {
-        bail!("node {me} is not in the initial cluster and has no data: joining a running cluster is done by the operator's `add node` (not available yet)");
+    if !cfg.initial_cluster.contains_key(&me) && on_disk.is_empty() && cfg.join.is_none() {
+        bail!("node {me} is not in the initial cluster and has no data: start it with --join <any node's address> to join a running cluster");
     }
     let nodes: Vec<u64> = cfg.initial_cluster.keys().copied().collect();
     let placement = initial_placement(&nodes, cfg.shards, cfg.replicas);
@@ -35,8 +37,13 @@ pub async fn start_groups(host: &Arc<RaftHost>, cfg: &Config) -> Result<()> {
         .copied()
         .filter(|g| *g != META_GROUP)
         .collect();
+    // Replicas moved away from this node (tombstoned) stay away, and are
+    // never initialized again.
+    let mut moved_away = BTreeSet::new();
     for p in &placement {
-        if p.replicas.contains(&me) {
+        if host.is_removed(p.shard)? {
+            moved_away.insert(p.shard);
+        } else if p.replicas.contains(&me) {
             mine.insert(p.shard);
         }
     }
@@ -56,7 +63,10 @@ pub async fn start_groups(host: &Arc<RaftHost>, cfg: &Config) -> Result<()> {
         host.initialize(META_GROUP, &cfg.initial_cluster).await?;
     }
     for p in &placement {
-        if p.replicas.first() == Some(&me) && !on_disk.contains(&p.shard) {
+        if p.replicas.first() == Some(&me)
+            && !on_disk.contains(&p.shard)
+            && !moved_away.contains(&p.shard)
+        {
             host.initialize(p.shard, &addr_of(&p.replicas)).await?;
         }
     }
@@ -72,9 +82,16 @@ pub async fn start_groups(host: &Arc<RaftHost>, cfg: &Config) -> Result<()> {
                     id: *id,
                     addr: addr.clone(),
                     region: cfg.region.clone(),
+                    draining: false,
                 })
                 .collect(),
-            shards: placement,
+            shards: placement
+                .into_iter()
+                .map(|p| ShardPlacement {
+                    region: cfg.region.clone(),
+                    ..p
+                })
+                .collect(),
             max_node_id: nodes.last().copied().unwrap_or(0),
         };
         let host = host.clone();

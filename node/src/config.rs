@@ -75,6 +75,16 @@ pub struct Flags {
     /// How long a router's presence report lasts, in ms (default 15000).
     #[arg(long, env = "NATTER_PRESENCE_LEASE_MS")]
     pub presence_lease_ms: Option<u64>,
+    /// Join a running cluster through this node ("host:port") instead of
+    /// creating one: on first start (empty data dir) the cluster assigns this
+    /// node a fresh id (never --node-id); on restart the id is read from the
+    /// data dir. Replicas then move here automatically (the rebalancer).
+    #[arg(long, env = "NATTER_JOIN")]
+    pub join: Option<String>,
+    /// Address of the HTTP endpoint serving /metrics (Prometheus), /healthz
+    /// and /readyz, e.g. 127.0.0.1:9101. Off when not set.
+    #[arg(long, env = "NATTER_METRICS_LISTEN")]
+    pub metrics_listen: Option<String>,
 }
 
 /// The TOML file's shape: the same names as the flags, in snake_case.
@@ -90,6 +100,8 @@ pub struct FileConfig {
     pub shards: Option<u32>,
     pub replicas: Option<usize>,
     pub sync_mode: Option<String>,
+    pub join: Option<String>,
+    pub metrics_listen: Option<String>,
     pub raft: Option<RaftTimings>,
     pub webhook_url: Option<String>,
     pub webhook_secret: Option<String>,
@@ -100,6 +112,7 @@ pub struct FileConfig {
 /// The resolved configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
+    /// 0 until a joining node learns its id (see [`Config::join`]).
     pub node_id: u64,
     pub listen: String,
     pub advertise: String,
@@ -114,6 +127,9 @@ pub struct Config {
     pub log_json: bool,
     pub webhook: Option<crate::notifier::Webhook>,
     pub presence_lease: std::time::Duration,
+    /// Joining a running cluster through this address.
+    pub join: Option<String>,
+    pub metrics_listen: Option<String>,
 }
 
 /// Default data shards: enough to spread load over a few nodes, few enough
@@ -151,12 +167,15 @@ impl Config {
             }
             None => FileConfig::default(),
         };
-        let node_id = flags
-            .node_id
-            .or(file.node_id)
-            .context("--node-id is required")?;
-        if node_id == 0 {
-            bail!("node id 0 is reserved");
+        let join = flags.join.or(file.join);
+        let node_id = match (flags.node_id.or(file.node_id), &join) {
+            (Some(0), _) => bail!("node id 0 is reserved"),
+            (Some(id), _) => id,
+            (None, Some(_)) => 0,
+            (None, None) => bail!("--node-id is required (or --join to join a running cluster)"),
+        };
+        if join.is_some() && (flags.initial_cluster.is_some() || file.initial_cluster.is_some()) {
+            bail!("--join and --initial-cluster exclude each other");
         }
         let listen = flags
             .listen
@@ -172,6 +191,7 @@ impl Config {
             .context("--data-dir is required")?;
         let initial_cluster = match flags.initial_cluster.or(file.initial_cluster) {
             Some(s) => parse_cluster(&s)?,
+            None if join.is_some() => BTreeMap::new(),
             None => BTreeMap::from([(node_id, advertise.clone())]),
         };
         let shards = flags.shards.or(file.shards).unwrap_or(DEFAULT_SHARDS);
@@ -256,6 +276,8 @@ impl Config {
             log_json: flags.log_json,
             webhook,
             presence_lease: std::time::Duration::from_millis(lease_ms),
+            join,
+            metrics_listen: flags.metrics_listen.or(file.metrics_listen),
         })
     }
 }

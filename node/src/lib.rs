@@ -11,14 +11,18 @@
 //! - [`events`]: change events for `Watch` streams (router push);
 //! - [`presence`]: presence leases (soft state) and typing relay;
 //! - [`notifier`]: offline notifications by signed webhook.
+//! - [`membership`]: joining, the rebalancer, drain/remove, shutdown hand-off;
+//! - [`metrics`]: Prometheus metrics, health and readiness endpoints.
 
 pub mod api;
 pub mod bootstrap;
 pub mod config;
 pub mod events;
+pub mod membership;
 pub mod meta;
 pub mod notifier;
 pub mod presence;
+pub mod metrics;
 pub mod remote;
 pub mod workers;
 
@@ -43,7 +47,17 @@ pub fn init_tracing(json: bool) {
 }
 
 /// Runs the node until SIGINT or SIGTERM.
-pub async fn run(cfg: config::Config) -> Result<()> {
+pub async fn run(mut cfg: config::Config) -> Result<()> {
+    if let Some(join) = cfg.join.clone() {
+        cfg.node_id = membership::join_id(
+            &join,
+            &cfg.data_dir,
+            cfg.node_id,
+            &cfg.advertise,
+            &cfg.region,
+        )
+        .await?;
+    }
     let host = RaftHost::open(HostConfig {
         node_id: cfg.node_id,
         addr: cfg.advertise.clone(),
@@ -59,6 +73,22 @@ pub async fn run(cfg: config::Config) -> Result<()> {
             cfg.data_dir.display()
         )
     })?;
+
+    // A node that was removed from the cluster must not come back.
+    let seeds: Vec<String> = cfg
+        .join
+        .iter()
+        .cloned()
+        .chain(
+            cfg.initial_cluster
+                .iter()
+                .filter(|(id, _)| **id != cfg.node_id)
+                .map(|(_, a)| a.clone()),
+        )
+        .collect();
+    if !host.groups_on_disk()?.is_empty() {
+        membership::refuse_if_removed(&host, &seeds).await?;
+    }
 
     let listener = tokio::net::TcpListener::bind(&cfg.listen)
         .await
@@ -101,9 +131,21 @@ pub async fn run(cfg: config::Config) -> Result<()> {
         cfg.webhook.clone(),
         stop_rx.clone(),
     )?);
+    workers.push(membership::spawn_rebalancer(host.clone(), stop_rx.clone()));
+    if let Some(listen) = &cfg.metrics_listen {
+        let m = std::sync::Arc::new(metrics::Metrics::new(&host)?);
+        workers.push(metrics::spawn_sampler(
+            host.clone(),
+            m.clone(),
+            stop_rx.clone(),
+        ));
+        workers.push(metrics::serve(listen, host.clone(), m, stop_rx.clone()).await?);
+    }
     tracing::info!(node = cfg.node_id, listen = %cfg.listen, groups = ?host.hosted(), "node ready");
 
     shutdown_signal().await;
+    tracing::info!("shutting down: handing leaderships off first");
+    membership::hand_off_all(&host, std::time::Duration::from_secs(10)).await;
     tracing::info!("shutting down");
     let _ = stop_tx.send(true);
     // Workers keep no state that needs a clean exit (the outbox is durable);

@@ -28,8 +28,31 @@ fn reply(error: impl Into<String>, map: Option<ShardMap>) -> Vec<u8> {
     MetaResponse {
         error: error.into(),
         map,
+        node_id: 0,
     }
     .encode_to_vec()
+}
+
+/// Longest node address or region label the registry accepts.
+pub const MAX_LABEL: usize = 256;
+
+/// Replicas the shards of `region` need: the largest replica set among them.
+fn region_needs(map: &ShardMap, region: &str) -> usize {
+    map.shards
+        .iter()
+        .filter(|s| s.region == region)
+        .map(|s| s.replicas.len())
+        .max()
+        .unwrap_or(0)
+}
+
+/// Nodes of `region` that can hold replicas (registered, not draining),
+/// leaving out `except`.
+fn region_capacity(map: &ShardMap, region: &str, except: u64) -> usize {
+    map.nodes
+        .iter()
+        .filter(|n| n.region == region && !n.draining && n.id != except)
+        .count()
 }
 
 /// Shard `s` (1-based) gets `replicas` consecutive nodes starting at
@@ -42,7 +65,11 @@ pub fn initial_placement(nodes: &[u64], shards: u32, replicas: usize) -> Vec<Sha
                 .map(|i| nodes[(shard as usize - 1 + i) % n])
                 .collect();
             r.sort_unstable();
-            ShardPlacement { shard, replicas: r }
+            ShardPlacement {
+                shard,
+                replicas: r,
+                region: String::new(),
+            }
         })
         .collect()
 }
@@ -91,10 +118,135 @@ impl Meta {
                 if !p.replicas.iter().all(known) {
                     return Ok(reply("placement names an unknown node", Some(map)));
                 }
-                match map.shards.iter_mut().find(|s| s.shard == p.shard) {
-                    Some(s) => s.replicas = p.replicas,
-                    None => return Ok(reply(format!("no shard {}", p.shard), Some(map))),
+                let mut unique = p.replicas.clone();
+                unique.sort_unstable();
+                unique.dedup();
+                if unique.len() != p.replicas.len() || unique.is_empty() {
+                    return Ok(reply(
+                        "a placement needs at least one replica and never two on one node",
+                        Some(map),
+                    ));
                 }
+                let Some(region) = map
+                    .shards
+                    .iter()
+                    .find(|s| s.shard == p.shard)
+                    .map(|s| s.region.clone())
+                else {
+                    return Ok(reply(format!("no shard {}", p.shard), Some(map)));
+                };
+                let in_region = |id: &u64| {
+                    map.nodes
+                        .iter()
+                        .any(|n| n.id == *id && (region.is_empty() || n.region == region))
+                };
+                if !unique.iter().all(in_region) {
+                    return Ok(reply(
+                        format!("shard {} must stay in region {region:?}", p.shard),
+                        Some(map),
+                    ));
+                }
+                if let Some(s) = map.shards.iter_mut().find(|s| s.shard == p.shard) {
+                    s.replicas = unique;
+                }
+                map
+            }
+            (Op::Join(node), Some(mut map)) => {
+                if node.addr.is_empty()
+                    || node.addr.len() > MAX_LABEL
+                    || node.region.is_empty()
+                    || node.region.len() > MAX_LABEL
+                {
+                    return Ok(reply(
+                        "join: an address and a region (at most 256 bytes each) are required",
+                        Some(map),
+                    ));
+                }
+                if let Some(n) = map.nodes.iter().find(|n| n.addr == node.addr) {
+                    return Ok(reply(
+                        format!(
+                            "join: address {} is registered to node {}; remove that node first \
+                             (natter-admin remove-node {}) or use another address",
+                            node.addr, n.id, n.id
+                        ),
+                        Some(map),
+                    ));
+                }
+                let id = map
+                    .max_node_id
+                    .max(map.nodes.iter().map(|n| n.id).max().unwrap_or(0))
+                    + 1;
+                map.max_node_id = id;
+                map.nodes.push(NodeInfo {
+                    id,
+                    addr: node.addr,
+                    region: node.region,
+                    draining: false,
+                });
+                map.nodes.sort_by_key(|n: &NodeInfo| n.id);
+                kv.put(MAP_KEY, &map.encode_to_vec());
+                return Ok(MetaResponse {
+                    error: String::new(),
+                    map: Some(map),
+                    node_id: id,
+                }
+                .encode_to_vec());
+            }
+            (Op::Drain(d), Some(mut map)) => {
+                let Some(region) = map
+                    .nodes
+                    .iter()
+                    .find(|n| n.id == d.id)
+                    .map(|n| n.region.clone())
+                else {
+                    return Ok(reply(format!("no node {}", d.id), Some(map)));
+                };
+                if d.draining && region_capacity(&map, &region, d.id) < region_needs(&map, &region)
+                {
+                    return Ok(reply(
+                        format!(
+                            "draining node {} would leave region {region:?} fewer nodes than its shards' {} replicas",
+                            d.id,
+                            region_needs(&map, &region)
+                        ),
+                        Some(map),
+                    ));
+                }
+                if let Some(n) = map.nodes.iter_mut().find(|n| n.id == d.id) {
+                    n.draining = d.draining;
+                }
+                map
+            }
+            (Op::RemoveNode(id), Some(mut map)) => {
+                let Some(region) = map
+                    .nodes
+                    .iter()
+                    .find(|n| n.id == id)
+                    .map(|n| n.region.clone())
+                else {
+                    return Ok(reply(format!("no node {id}"), Some(map)));
+                };
+                let held: Vec<u32> = map
+                    .shards
+                    .iter()
+                    .filter(|s| s.replicas.contains(&id))
+                    .map(|s| s.shard)
+                    .collect();
+                if !held.is_empty() {
+                    return Ok(reply(
+                        format!(
+                            "node {id} still holds replicas of shards {held:?}: drain it first"
+                        ),
+                        Some(map),
+                    ));
+                }
+                if region_capacity(&map, &region, id) < region_needs(&map, &region) {
+                    return Ok(reply(
+                        format!("removing node {id} would leave region {region:?} too few nodes"),
+                        Some(map),
+                    ));
+                }
+                map.nodes.retain(|n| n.id != id);
                 map
             }
         };
@@ -123,6 +275,7 @@ impl StateMachine for Meta {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use natter_proto::cluster::DrainNode;
     use std::collections::BTreeMap;
     use std::ops::Bound;
 
@@ -164,6 +317,7 @@ mod tests {
             id,
             addr: format!("127.0.0.1:{}", 7000 + id),
             region: "local".into(),
+            draining: false,
         }
     }
 
@@ -224,7 +378,8 @@ mod tests {
             &mut kv,
             Op::SetPlacement(ShardPlacement {
                 shard: 1,
-                replicas: vec![9]
+                replicas: vec![9],
+                region: String::new(),
             })
         )
         .error
@@ -232,5 +387,112 @@ mod tests {
         let garbage = Meta.apply(&mut kv, b"\xff\xff garbage").unwrap();
         let garbage = MetaResponse::decode(garbage.as_slice()).unwrap();
         assert!(garbage.error.contains("undecodable"), "{garbage:?}");
+    }
+
+    #[test]
+    fn join_assigns_fresh_ids_and_drain_and_remove_keep_regions_whole() {
+        let mut kv = Mem::default();
+        let mut init = ShardMap {
+            shard_count: 2,
+            nodes: vec![node(1), node(2), node(3)],
+            shards: initial_placement(&[1, 2, 3], 2, 3),
+            max_node_id: 3,
+        };
+        for p in &mut init.shards {
+            p.region = "local".into();
+        }
+        assert_eq!(run(&mut kv, Op::Init(init)).error, "");
+        let join = |addr: &str| NodeInfo {
+            id: 0,
+            addr: addr.into(),
+            region: "local".into(),
+            draining: false,
+        };
+        let r = run(&mut kv, Op::Join(join("10.0.0.4:1")));
+        assert_eq!((r.error.as_str(), r.node_id), ("", 4));
+        // The same address twice is refused (a lost reply must not mint a
+        // second id silently).
+        assert!(run(&mut kv, Op::Join(join("10.0.0.4:1")))
+            .error
+            .contains("registered to node 4"));
+        // Draining one of four is fine; a second would leave 2 < 3 replicas.
+        assert_eq!(
+            run(
+                &mut kv,
+                Op::Drain(DrainNode {
+                    id: 1,
+                    draining: true
+                })
+            )
+            .error,
+            ""
+        );
+        assert!(run(
+            &mut kv,
+            Op::Drain(DrainNode {
+                id: 2,
+                draining: true
+            })
+        )
+        .error
+        .contains("fewer nodes"));
+        // Node 1 still holds replicas: removal refused until placement moves.
+        assert!(run(&mut kv, Op::RemoveNode(1))
+            .error
+            .contains("still holds replicas"));
+        for shard in 1..=2 {
+            assert_eq!(
+                run(
+                    &mut kv,
+                    Op::SetPlacement(ShardPlacement {
+                        shard,
+                        replicas: vec![2, 3, 4],
+                        region: String::new(),
+                    })
+                )
+                .error,
+                ""
+            );
+        }
+        // Two replicas on one node are refused.
+        assert!(run(
+            &mut kv,
+            Op::SetPlacement(ShardPlacement {
+                shard: 1,
+                replicas: vec![2, 2, 3],
+                region: String::new(),
+            })
+        )
+        .error
+        .contains("never two"));
+        let r = run(&mut kv, Op::RemoveNode(1));
+        assert_eq!(r.error, "");
+        let map = r.map.unwrap();
+        assert!(map.nodes.iter().all(|n| n.id != 1));
+        // Ids keep growing after a removal.
+        assert_eq!(run(&mut kv, Op::Join(join("10.0.0.5:1"))).node_id, 5);
+        // Removing another would break the region's replica count.
+        assert!(run(
+            &mut kv,
+            Op::Drain(DrainNode {
+                id: 5,
+                draining: true
+            })
+        )
+        .error
+        .is_empty());
+        for shard in 1..=2 {
+            run(
+                &mut kv,
+                Op::SetPlacement(ShardPlacement {
+                    shard,
+                    replicas: vec![2, 3, 4],
+                    region: String::new(),
+                }),
+            );
+        }
+        assert!(run(&mut kv, Op::RemoveNode(2))
+            .error
+            .contains("still holds"));
     }
 }

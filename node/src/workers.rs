@@ -42,9 +42,48 @@ pub fn spawn(
     stop: watch::Receiver<bool>,
 ) -> Vec<JoinHandle<()>> {
     let remote = Arc::new(Remote::new(host.clone(), events));
-    host.hosted()
+    let mut started: std::collections::BTreeSet<u32> = Default::default();
+    let mut out = spawn_new(&host, &remote, &stop, &mut started);
+    // Replicas moved onto this node later (issue 8) get their loop too.
+    let mut stop2 = stop.clone();
+    out.push(tokio::spawn(async move {
+        let mut tasks = Vec::new();
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(IDLE_WAKE) => {}
+                _ = stop2.changed() => {}
+            }
+            if *stop2.borrow() {
+                for t in tasks {
+                    let t: JoinHandle<()> = t;
+                    t.abort();
+                }
+                return;
+            }
+            // A loop whose replica was removed ended: it may start again.
+            let hosted: std::collections::BTreeSet<u32> = host.hosted().into_iter().collect();
+            started.retain(|g| hosted.contains(g));
+            tasks.extend(spawn_new(&host, &remote, &stop, &mut started));
+            tasks.retain(|t| !t.is_finished());
+        }
+    }));
+    out
+}
+
+fn spawn_new(
+    host: &Arc<RaftHost>,
+    remote: &Arc<Remote>,
+    stop: &watch::Receiver<bool>,
+    started: &mut std::collections::BTreeSet<u32>,
+) -> Vec<JoinHandle<()>> {
+    let fresh: Vec<u32> = host
+        .hosted()
         .into_iter()
-        .filter(|g| *g != META_GROUP)
+        .filter(|g| *g != META_GROUP && !started.contains(g))
+        .collect();
+    started.extend(fresh.iter().copied());
+    fresh
+        .into_iter()
         .map(|shard| {
             let mut w = ShardWorker {
                 host: host.clone(),
@@ -57,7 +96,7 @@ pub fn spawn(
             let mut stop = stop.clone();
             tokio::spawn(async move {
                 loop {
-                    if *stop.borrow() {
+                    if *stop.borrow() || !w.host.hosts(w.shard) {
                         return;
                     }
                     if w.host.is_leader(w.shard) {

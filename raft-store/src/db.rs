@@ -28,10 +28,16 @@ pub const TAG_COMMITTED: u8 = 2;
 pub const TAG_PURGED: u8 = 3;
 pub const TAG_APPLIED: u8 = 4;
 pub const TAG_MEMBERSHIP: u8 = 5;
+/// Written when a group's replica is removed from this node: the group is
+/// not restarted from whatever rows a late write may have left.
+pub const TAG_REMOVED: u8 = 6;
 
 /// Node-wide identity row (outside every group's range: groups are < u32::MAX).
 pub const IDENTITY_KEY: &[u8] = b"\xff\xff\xff\xffnode-identity";
 const FORMAT: u32 = 1;
+/// Node-wide tombstone: this node was removed from its cluster and must
+/// never serve again.
+pub const RETIRED_KEY: &[u8] = b"\xff\xff\xff\xffnode-retired";
 
 #[derive(serde::Serialize, serde::Deserialize, Debug, PartialEq)]
 struct Identity {
@@ -212,6 +218,13 @@ pub fn open(dir: &Path, node_id: u64, verify: bool) -> Result<DB, StoreError> {
             }
         }
     }
+    if db
+        .get_cf(meta, RETIRED_KEY)
+        .map_err(StoreError::rocks)?
+        .is_some()
+    {
+        return Err(StoreError::Retired(node_id));
+    }
     if let Some(mark) = read_sync_mark(dir)? {
         let recovered = db.latest_sequence_number();
         if recovered < mark {
@@ -226,6 +239,30 @@ pub fn open(dir: &Path, node_id: u64, verify: bool) -> Result<DB, StoreError> {
         verify_all(&db)?;
     }
     Ok(db)
+}
+
+/// The node id a data dir belongs to (`None` for a new, empty dir), read
+/// without modifying anything: a node that joined a cluster learns its id
+/// from here on restart.
+pub fn stored_node_id(dir: &Path) -> Result<Option<u64>, StoreError> {
+    if !dir.join("CURRENT").exists() {
+        return Ok(None);
+    }
+    let opts = Options::default();
+    let db =
+        DB::open_cf_for_read_only(&opts, dir, [CF_LOG, CF_META, CF_SM], false).map_err(|e| {
+            StoreError::Corrupt(format!("cannot open RocksDB in {}: {e}", dir.display()))
+        })?;
+    match db
+        .get_cf(cf(&db, CF_META)?, IDENTITY_KEY)
+        .map_err(StoreError::rocks)?
+    {
+        None => Err(StoreError::Corrupt(format!(
+            "{}: the node identity row is missing",
+            dir.display()
+        ))),
+        Some(raw) => Ok(Some(decode::<Identity>("node identity", &raw)?.node_id)),
+    }
 }
 
 /// Reads every row of every column family with checksum verification.

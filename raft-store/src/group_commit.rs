@@ -45,6 +45,24 @@ pub struct SyncStats {
     pub fsyncs: std::sync::atomic::AtomicU64,
     pub appends: std::sync::atomic::AtomicU64,
     pub fsync_micros: std::sync::atomic::AtomicU64,
+    /// Duration of each WAL fsync (`natter_wal_fsync_seconds`).
+    pub fsync_seconds: Option<prometheus::Histogram>,
+    /// From an append handing its callback to the syncer to the fsync that
+    /// covers it completing (`natter_append_wait_seconds`).
+    pub append_wait_seconds: Option<prometheus::Histogram>,
+}
+
+/// Latency buckets, 50 µs .. 2.5 s.
+const BUCKETS: [f64; 16] = [
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+    2.5, 5.0,
+];
+
+fn histogram(name: &str, help: &str) -> Option<prometheus::Histogram> {
+    prometheus::Histogram::with_opts(
+        prometheus::HistogramOpts::new(name, help).buckets(BUCKETS.to_vec()),
+    )
+    .ok()
 }
 
 pub struct Syncer {
@@ -57,7 +75,17 @@ impl Syncer {
     /// `dir` holds the sync mark ([`crate::db::SYNC_MARK_FILE`]).
     pub fn start(db: Arc<DB>, dir: &Path) -> Syncer {
         let (tx, rx) = mpsc::channel::<Done>();
-        let stats = Arc::new(SyncStats::default());
+        let stats = Arc::new(SyncStats {
+            fsync_seconds: histogram(
+                "natter_wal_fsync_seconds",
+                "Duration of one WAL fsync (shared by every append waiting for it).",
+            ),
+            append_wait_seconds: histogram(
+                "natter_append_wait_seconds",
+                "From a Raft log append being written to the WAL fsync that covers it.",
+            ),
+            ..Default::default()
+        });
         let st = stats.clone();
         let mark = std::fs::OpenOptions::new()
             .create(true)
@@ -88,6 +116,16 @@ impl Syncer {
 
     /// Calls `done` once everything written before this call is on disk.
     pub fn after_sync(&self, done: Done) {
+        let done: Done = match self.stats.append_wait_seconds.clone() {
+            Some(h) => {
+                let queued = Instant::now();
+                Box::new(move |res| {
+                    h.observe(queued.elapsed().as_secs_f64());
+                    done(res)
+                })
+            }
+            None => done,
+        };
         if let Err(mpsc::SendError(done)) = self.tx.send(done) {
             done(Err(io::Error::other("the WAL sync thread has stopped")));
         }
@@ -132,9 +170,13 @@ fn run(db: Arc<DB>, rx: mpsc::Receiver<Done>, stats: Arc<SyncStats>, mark: Optio
         }
         stats.fsyncs.fetch_add(1, Relaxed);
         stats.appends.fetch_add(waiting.len() as u64, Relaxed);
+        let took = start.elapsed();
         stats
             .fsync_micros
-            .fetch_add(start.elapsed().as_micros() as u64, Relaxed);
+            .fetch_add(took.as_micros() as u64, Relaxed);
+        if let Some(h) = &stats.fsync_seconds {
+            h.observe(took.as_secs_f64());
+        }
         for done in waiting.drain(..) {
             done(
                 res.as_ref()

@@ -14,7 +14,7 @@ use openraft::{BasicNode, ChangeMembers, Config, ServerState, SnapshotPolicy};
 use rocksdb::{IteratorMode, DB};
 use serde::{Deserialize, Serialize};
 
-use crate::db::{self, CF_META, TAG_VOTE};
+use crate::db::{self, CF_META, TAG_REMOVED, TAG_VOTE};
 use crate::group_commit::{SyncMode, Syncer};
 use crate::log_store::LogStore;
 use crate::network::{NetworkFactory, Peers, MAX_RAFT_MESSAGE};
@@ -93,6 +93,9 @@ pub struct GroupStatus {
     pub term: u64,
     pub leader: Option<NodeId>,
     pub last_log_index: u64,
+    /// Highest index known committed: on a leader, the one a majority of
+    /// voters hold; elsewhere, the applied index (a lower bound).
+    pub committed_index: u64,
     pub applied_index: u64,
     pub snapshot_index: u64,
     pub purged_index: u64,
@@ -140,6 +143,7 @@ impl RaftHost {
             syncer,
             sync_mode: cfg.sync_mode,
             per_write_lock: Default::default(),
+            counters: Default::default(),
         });
         Ok(Arc::new(RaftHost {
             cfg,
@@ -162,13 +166,108 @@ impl RaftHost {
     pub fn groups_on_disk(&self) -> Result<BTreeSet<u32>, Error> {
         let db: &DB = &self.shared.db;
         let mut out = BTreeSet::new();
+        let mut removed = BTreeSet::new();
         for item in db.iterator_cf(db::cf(db, CF_META)?, IteratorMode::Start) {
             let (k, _) = item.map_err(StoreError::rocks)?;
             if k.len() == 5 && k[4] == TAG_VOTE {
                 out.insert(u32::from_be_bytes([k[0], k[1], k[2], k[3]]));
             }
+            if k.len() == 5 && k[4] == TAG_REMOVED {
+                removed.insert(u32::from_be_bytes([k[0], k[1], k[2], k[3]]));
+            }
         }
-        Ok(out)
+        Ok(out.difference(&removed).copied().collect())
+    }
+
+    /// Whether `group`'s replica on this node was removed (tombstoned).
+    pub fn is_removed(&self, group: u32) -> Result<bool, Error> {
+        let db: &DB = &self.shared.db;
+        Ok(db
+            .get_cf(db::cf(db, CF_META)?, db::meta_key(group, TAG_REMOVED))
+            .map_err(StoreError::rocks)?
+            .is_some())
+    }
+
+    /// Deletes every row of `group` in every column family, and writes the
+    /// group's tombstone when `tombstone` (one synced batch).
+    fn wipe_group(&self, group: u32, tombstone: bool) -> Result<(), Error> {
+        let db: &DB = &self.shared.db;
+        let mut batch = rocksdb::WriteBatch::default();
+        let (from, to) = (db::group_prefix(group), db::group_end(group));
+        for name in [db::CF_LOG, db::CF_META, db::CF_SM] {
+            batch.delete_range_cf(db::cf(db, name)?, &from[..], &to[..]);
+        }
+        if tombstone {
+            batch.put_cf(db::cf(db, CF_META)?, db::meta_key(group, TAG_REMOVED), b"");
+        }
+        db.write_opt(batch, &self.shared.write_opts(true))
+            .map_err(StoreError::rocks)?;
+        Ok(())
+    }
+
+    /// Starts an empty replica of `group` on this node, to be added to the
+    /// group as a learner by its leader. A replica that runs already, or has
+    /// state on disk, is kept as it is; one removed before starts over empty.
+    pub async fn host_new_replica(
+        &self,
+        group: u32,
+        machine: Arc<dyn StateMachine>,
+    ) -> Result<(), Error> {
+        if self.raft(group).is_none() && self.is_removed(group)? {
+            self.wipe_group(group, false)?;
+        }
+        self.start_group(group, machine).await
+    }
+
+    /// Stops this node's replica of `group` and deletes its data, leaving a
+    /// tombstone so a restart does not bring it back. Only for a replica its
+    /// group no longer counts as a member; refused while it leads.
+    pub async fn remove_replica(&self, group: u32) -> Result<(), Error> {
+        if self.is_leader(group) {
+            return Err(Error::Raft(format!(
+                "group {group}: this node leads it; it cannot drop its replica"
+            )));
+        }
+        let g = self
+            .groups
+            .write()
+            .map_err(|_| Error::Poisoned)?
+            .remove(&group);
+        if let Some(g) = g {
+            let _ = g.raft.shutdown().await;
+        }
+        self.wipe_group(group, true)?;
+        tracing::info!(group, "replica removed from this node; its data is deleted");
+        Ok(())
+    }
+
+    /// This node was removed from its cluster: stops and deletes every
+    /// group and writes the node tombstone ([`db::RETIRED_KEY`]), so it
+    /// refuses to start again.
+    pub async fn retire(&self) -> Result<(), Error> {
+        let groups: Vec<(u32, Raft)> = match self.groups.write() {
+            Ok(mut g) => g.drain().map(|(id, g)| (id, g.raft)).collect(),
+            Err(_) => return Err(Error::Poisoned),
+        };
+        for (_, raft) in &groups {
+            let _ = raft.shutdown().await;
+        }
+        let on_disk = self.groups_on_disk()?;
+        for group in groups.iter().map(|(g, _)| *g).chain(on_disk) {
+            self.wipe_group(group, true)?;
+        }
+        let db: &DB = &self.shared.db;
+        db.put_cf_opt(
+            db::cf(db, CF_META)?,
+            db::RETIRED_KEY,
+            b"",
+            &self.shared.write_opts(true),
+        )
+        .map_err(StoreError::rocks)?;
+        tracing::warn!(
+            "this node was removed from the cluster: every group deleted, tombstone written"
+        );
+        Ok(())
     }
 
     fn raft_config(&self) -> Result<Arc<Config>, Error> {
@@ -242,6 +341,14 @@ impl RaftHost {
             .get(&group)
             .cloned()
             .ok_or(Error::UnknownGroup(group))
+    }
+
+    /// Whether `group` runs on this node.
+    pub fn hosts(&self, group: u32) -> bool {
+        self.groups
+            .read()
+            .map(|g| g.contains_key(&group))
+            .unwrap_or(false)
     }
 
     /// The groups running on this node.
@@ -338,6 +445,38 @@ impl RaftHost {
             .await
             .map(|_| ())
             .map_err(|e| self.write_err(group, e))
+    }
+
+    /// Removes learners from the group's membership.
+    pub async fn remove_learners(&self, group: u32, ids: BTreeSet<NodeId>) -> Result<(), Error> {
+        let g = self.group(group)?;
+        g.raft
+            .change_membership(ChangeMembers::RemoveNodes(ids), false)
+            .await
+            .map(|_| ())
+            .map_err(|e| self.write_err(group, e))
+    }
+
+    /// Snapshots built (log compaction), sent and installed since start.
+    pub fn snapshot_counts(&self) -> (u64, u64, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let c = &self.shared.counters;
+        (
+            c.snapshots_built.load(Relaxed),
+            c.snapshots_sent.load(Relaxed),
+            c.snapshots_installed.load(Relaxed),
+        )
+    }
+
+    /// The WAL syncer's latency histograms (fsync, append wait), to register
+    /// in a metrics registry.
+    pub fn sync_histograms(&self) -> Vec<prometheus::Histogram> {
+        let s = &self.shared.syncer.stats;
+        [&s.fsync_seconds, &s.append_wait_seconds]
+            .into_iter()
+            .flatten()
+            .cloned()
+            .collect()
     }
 
     /// Makes `voters` the group's voting members (joint consensus).
@@ -478,13 +617,35 @@ impl RaftHost {
             .map(|(group, raft)| {
                 let m = raft.metrics().borrow().clone();
                 let membership = m.membership_config.membership();
+                let applied_index = m.last_applied.map(|l| l.index).unwrap_or(0);
+                let committed_index = match &m.replication {
+                    Some(r) if m.state == ServerState::Leader => {
+                        let mut held: Vec<u64> = membership
+                            .voter_ids()
+                            .map(|v| {
+                                if v == m.id {
+                                    m.last_log_index.unwrap_or(0)
+                                } else {
+                                    r.get(&v).cloned().flatten().map(|l| l.index).unwrap_or(0)
+                                }
+                            })
+                            .collect();
+                        held.sort_unstable_by(|a, b| b.cmp(a));
+                        held.get(held.len() / 2)
+                            .copied()
+                            .unwrap_or(0)
+                            .max(applied_index)
+                    }
+                    _ => applied_index,
+                };
                 GroupStatus {
+                    committed_index,
                     group,
                     state: format!("{:?}", m.state),
                     term: m.current_term,
                     leader: m.current_leader,
                     last_log_index: m.last_log_index.unwrap_or(0),
-                    applied_index: m.last_applied.map(|l| l.index).unwrap_or(0),
+                    applied_index,
                     snapshot_index: m.snapshot.map(|l| l.index).unwrap_or(0),
                     purged_index: m.purged.map(|l| l.index).unwrap_or(0),
                     voters: membership.voter_ids().collect(),

@@ -38,6 +38,18 @@ pub(crate) struct Shared {
     pub(crate) syncer: group_commit::Syncer,
     pub(crate) sync_mode: SyncMode,
     pub(crate) per_write_lock: std::sync::Mutex<()>,
+    pub(crate) counters: Counters,
+}
+
+/// Node-wide event counters, for metrics.
+#[derive(Default)]
+pub(crate) struct Counters {
+    /// Snapshots built to compact the log.
+    pub(crate) snapshots_built: std::sync::atomic::AtomicU64,
+    /// Snapshots serialized to be sent to a lagging replica.
+    pub(crate) snapshots_sent: std::sync::atomic::AtomicU64,
+    /// Snapshots received and installed.
+    pub(crate) snapshots_installed: std::sync::atomic::AtomicU64,
 }
 
 impl Shared {
@@ -64,6 +76,8 @@ pub enum StoreError {
     Corrupt(String),
     #[error("cannot encode: {0}")]
     Encode(String),
+    #[error("node {0} was removed from its cluster (tombstone in its data dir); it never starts again: start a new node with an empty data dir and --join instead")]
+    Retired(u64),
 }
 
 impl StoreError {

@@ -220,6 +220,12 @@ impl SmStore {
     }
 }
 
+impl SmStore {
+    fn count(&self, which: impl Fn(&crate::Counters) -> &std::sync::atomic::AtomicU64) {
+        which(&self.shared.counters).fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 impl RaftSnapshotBuilder<TypeConfig> for SmStore {
     /// openraft builds snapshots to compact the log and keeps only their
     /// meta (openraft 0.9, `core/sm/worker.rs`). The state machine is
@@ -228,6 +234,7 @@ impl RaftSnapshotBuilder<TypeConfig> for SmStore {
     /// building one for compaction costs two point reads, not a copy of the
     /// shard.
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
+        self.count(|c| &c.snapshots_built);
         let this = self.clone();
         tokio::task::spawn_blocking(move || this.build(false))
             .await
@@ -265,6 +272,7 @@ impl RaftStateMachine<TypeConfig> for SmStore {
         meta: &SnapshotMeta,
         snapshot: Box<Cursor<Vec<u8>>>,
     ) -> Result<(), StorageError> {
+        self.count(|c| &c.snapshots_installed);
         let this = self.clone();
         let meta = meta.clone();
         tokio::task::spawn_blocking(move || this.install(&meta, snapshot.get_ref()))
@@ -280,6 +288,7 @@ impl RaftStateMachine<TypeConfig> for SmStore {
         if applied.is_none() {
             return Ok(None);
         }
+        self.count(|c| &c.snapshots_sent);
         let this = self.clone();
         tokio::task::spawn_blocking(move || this.build(true))
             .await

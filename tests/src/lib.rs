@@ -22,6 +22,7 @@ use tonic::transport::Channel;
 
 pub mod grpc;
 pub mod natter;
+pub mod ops;
 pub mod router;
 pub mod sdk;
 pub mod webhook;
@@ -518,6 +519,11 @@ impl ShardClient {
                 Err(s)
                     if s.code() == tonic::Code::Unavailable && s.message().contains("connect") =>
                 {
+                    note = s.to_string();
+                }
+                // The node hosts no replica of the shard (replicas move,
+                // issue 8): nothing was proposed; ask the next one.
+                Err(s) if s.code() == tonic::Code::NotFound => {
                     note = s.to_string();
                 }
                 Err(s) if s.code() == tonic::Code::InvalidArgument => {

@@ -4,15 +4,24 @@
 //! - `status`: nodes (up/down), every shard's replicas, leader, applied
 //!   index and replica lag, and a summary line; `--json` for machines.
 //! - `transfer-leader --shard S --to N`: hands a shard's leadership to node N.
+//! - `drain N [--wait]`: the rebalancer moves every leadership and replica off
+//!   node N; `undrain N` takes it back.
+//! - `remove-node N`: removes a drained node (it holds no replica) from the
+//!   cluster and tells it to retire; its id is never reused.
+//!
+//! Adding a node needs no command: start it with `--join ADDR` (see
+//! docs/operations.md); the rebalancer moves replicas onto it.
 
 use std::collections::BTreeMap;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
+use natter_node::membership::fetch_map;
 use natter_proto::cluster::node_client::NodeClient;
 use natter_proto::cluster::{
-    Consistency, ShardMap, ShardMapRequest, StatusReply, StatusRequest, TransferLeaderRequest,
+    meta_command::Op, Consistency, DrainNode, ShardMap, ShardMapRequest, StatusReply,
+    StatusRequest, TransferLeaderRequest,
 };
 use serde::Serialize;
 use tonic::transport::{Channel, Endpoint};
@@ -41,6 +50,26 @@ enum Cmd {
         #[arg(long)]
         to: u64,
     },
+    /// Moves every leadership and replica off a node (the rebalancer does it).
+    Drain {
+        id: u64,
+        /// Wait until the node holds no replica and leads nothing.
+        #[arg(long)]
+        wait: bool,
+        /// Longest wait, in seconds.
+        #[arg(long, default_value_t = 600)]
+        timeout: u64,
+    },
+    /// Takes a node back after `drain` (replicas may move back onto it).
+    Undrain { id: u64 },
+    /// Removes a drained node from the cluster; it then retires (deletes its
+    /// data, never starts again) and its process can be stopped.
+    RemoveNode {
+        id: u64,
+        /// Longest wait for the meta group to let the node go, in seconds.
+        #[arg(long, default_value_t = 60)]
+        timeout: u64,
+    },
 }
 
 #[derive(Serialize)]
@@ -49,6 +78,10 @@ struct NodeRow {
     addr: String,
     region: String,
     up: bool,
+    draining: bool,
+    /// Replicas placed on the node, and shards it leads.
+    replicas: usize,
+    leads: usize,
 }
 
 #[derive(Serialize)]
@@ -57,8 +90,12 @@ struct ShardRow {
     replicas: Vec<u64>,
     leader: Option<u64>,
     term: u64,
+    /// The leader's commit index (0 without a leader).
+    committed: u64,
     /// Applied index per replica that answered.
     applied: BTreeMap<u64, u64>,
+    /// Members not yet voting (a move in progress).
+    learners: Vec<u64>,
     /// Leader's applied index minus the slowest answering replica's.
     lag: u64,
 }
@@ -100,7 +137,7 @@ async fn status(node: &str) -> Result<Report> {
             statuses.insert(n.id, r.into_inner());
         }
     }
-    let nodes: Vec<NodeRow> = map
+    let mut nodes: Vec<NodeRow> = map
         .nodes
         .iter()
         .map(|n| NodeRow {
@@ -108,6 +145,13 @@ async fn status(node: &str) -> Result<Report> {
             addr: n.addr.clone(),
             region: n.region.clone(),
             up: statuses.contains_key(&n.id),
+            draining: n.draining,
+            replicas: map
+                .shards
+                .iter()
+                .filter(|s| s.replicas.contains(&n.id))
+                .count(),
+            leads: 0,
         })
         .collect();
     let mut shards = Vec::new();
@@ -115,17 +159,26 @@ async fn status(node: &str) -> Result<Report> {
         let mut applied = BTreeMap::new();
         let mut leader = None;
         let mut term = 0;
-        for r in &p.replicas {
-            if let Some(g) = statuses
-                .get(r)
-                .and_then(|s| s.groups.iter().find(|g| g.group == p.shard))
-            {
-                applied.insert(*r, g.applied_index);
-                if g.term >= term {
-                    term = g.term;
-                    leader = (g.leader_id != 0).then_some(g.leader_id);
-                }
+        let mut committed = 0;
+        let mut learners = Vec::new();
+        for (id, s) in &statuses {
+            let Some(g) = s.groups.iter().find(|g| g.group == p.shard) else {
+                continue;
+            };
+            if p.replicas.contains(id) || g.state == "Learner" {
+                applied.insert(*id, g.applied_index);
             }
+            if g.term >= term {
+                term = g.term;
+                leader = (g.leader_id != 0).then_some(g.leader_id);
+            }
+            if g.state == "Leader" {
+                committed = g.committed_index;
+                learners = g.learners.clone();
+            }
+        }
+        if let Some(n) = leader.and_then(|l| nodes.iter_mut().find(|n| n.id == l)) {
+            n.leads += 1;
         }
         let top = leader.and_then(|l| applied.get(&l)).copied().unwrap_or(0);
         let lag = applied
@@ -138,7 +191,9 @@ async fn status(node: &str) -> Result<Report> {
             replicas: p.replicas.clone(),
             leader,
             term,
+            committed,
             applied,
+            learners,
             lag,
         });
     }
@@ -160,18 +215,20 @@ async fn status(node: &str) -> Result<Report> {
 }
 
 fn print(r: &Report) {
-    println!("NODE  ADDRESS               REGION    STATE");
+    println!("NODE  ADDRESS               REGION    STATE     REPLICAS  LEADS");
     for n in &r.nodes {
+        let state = match (n.up, n.draining) {
+            (true, false) => "up",
+            (true, true) => "draining",
+            (false, _) => "DOWN",
+        };
         println!(
-            "{:<5} {:<21} {:<9} {}",
-            n.id,
-            n.addr,
-            n.region,
-            if n.up { "up" } else { "DOWN" }
+            "{:<5} {:<21} {:<9} {:<9} {:<9} {}",
+            n.id, n.addr, n.region, state, n.replicas, n.leads
         );
     }
     println!();
-    println!("SHARD  REPLICAS      LEADER  TERM  APPLIED (per replica)          LAG");
+    println!("SHARD  REPLICAS      LEADER  TERM  COMMIT   APPLIED (per replica)          LAG");
     for s in &r.shards {
         let replicas = s
             .replicas
@@ -189,9 +246,14 @@ fn print(r: &Report) {
             .leader
             .map(|l| l.to_string())
             .unwrap_or_else(|| "-".into());
+        let learners = if s.learners.is_empty() {
+            String::new()
+        } else {
+            format!("  (learners {:?})", s.learners)
+        };
         println!(
-            "{:<6} {:<13} {:<7} {:<5} {:<30} {}",
-            s.shard, replicas, leader, s.term, applied, s.lag
+            "{:<6} {:<13} {:<7} {:<5} {:<8} {:<30} {}{learners}",
+            s.shard, replicas, leader, s.term, s.committed, applied, s.lag
         );
     }
     println!();
@@ -232,6 +294,90 @@ async fn main() -> Result<()> {
                 .await?;
             println!("shard {shard}: leadership handed from node {leader} to node {to}");
         }
+        Cmd::Drain { id, wait, timeout } => {
+            meta(&args.node, Op::Drain(DrainNode { id, draining: true })).await?;
+            println!(
+                "node {id} is draining: the rebalancer moves its leaderships and replicas off"
+            );
+            if wait {
+                let deadline = Instant::now() + Duration::from_secs(timeout);
+                loop {
+                    let r = status(&args.node).await?;
+                    let n = r.nodes.iter().find(|n| n.id == id).context("node gone")?;
+                    let learning = r.shards.iter().any(|s| s.learners.contains(&id));
+                    if n.replicas == 0 && n.leads == 0 && !learning {
+                        println!("node {id} holds no replica and leads nothing");
+                        break;
+                    }
+                    if Instant::now() > deadline {
+                        bail!(
+                            "node {id} still holds {} replicas and leads {} shards",
+                            n.replicas,
+                            n.leads
+                        );
+                    }
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                }
+            }
+        }
+        Cmd::Undrain { id } => {
+            meta(
+                &args.node,
+                Op::Drain(DrainNode {
+                    id,
+                    draining: false,
+                }),
+            )
+            .await?;
+            println!("node {id} takes replicas again");
+        }
+        Cmd::RemoveNode { id, timeout } => {
+            let map = fetch_map(&args.node).await?;
+            let addr = map
+                .nodes
+                .iter()
+                .find(|n| n.id == id)
+                .map(|n| n.addr.clone())
+                .with_context(|| format!("no node {id} in the cluster"))?;
+            meta(&args.node, Op::RemoveNode(id)).await?;
+            println!("node {id} removed from the registry (its id is never reused)");
+            // The meta leader's rebalancer takes it out of the meta group and
+            // tells it to retire; wait for that, telling it again if needed.
+            let deadline = Instant::now() + Duration::from_secs(timeout);
+            loop {
+                let gone = natter_node::membership::statuses(&fetch_map(&args.node).await?)
+                    .await
+                    .values()
+                    .find_map(|s| {
+                        s.groups
+                            .iter()
+                            .find(|g| g.group == 0 && g.state == "Leader")
+                            .map(|g| !g.voters.contains(&id) && !g.learners.contains(&id))
+                    })
+                    .unwrap_or_default();
+                if gone {
+                    match natter_node::membership::retire(&addr, id).await {
+                        Ok(()) => println!("node {id} retired: its process can be stopped"),
+                        Err(e) => println!("node {id} did not answer ({e:#}); it refuses to start again when it comes back"),
+                    }
+                    break;
+                }
+                if Instant::now() > deadline {
+                    bail!("node {id} is still in the meta group after {timeout} s");
+                }
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+        }
     }
     Ok(())
+}
+
+/// Proposes a meta command through `node`; a refusal is an error.
+async fn meta(node: &str, op: Op) -> Result<ShardMap> {
+    let r = natter_node::membership::propose_meta(&[node.to_string()], op, Duration::from_secs(30))
+        .await?;
+    if !r.error.is_empty() {
+        bail!("refused: {}", r.error);
+    }
+    r.map.context("no shard map in the answer")
 }
