@@ -26,7 +26,7 @@ use std::collections::{HashMap, HashSet};
 
 use serde::Serialize;
 
-use crate::history::{Event, FeedSeen, Seen, Type, F};
+use crate::history::{Event, FeedDetail, FeedSeen, Seen, Type, F};
 
 /// How many example descriptions to keep per kind of anomaly.
 const MAX_EXAMPLES: usize = 5;
@@ -104,6 +104,11 @@ impl Op<'_> {
     fn feed(&self) -> &[FeedSeen] {
         self.done
             .and_then(|d| d.feed.as_deref())
+            .unwrap_or_default()
+    }
+    fn feed_detail(&self) -> &[FeedDetail] {
+        self.done
+            .and_then(|d| d.feed_detail.as_deref())
             .unwrap_or_default()
     }
     fn msgs(&self) -> &[Seen] {
@@ -546,11 +551,69 @@ pub fn check(events: &[Event]) -> Results {
     r
 }
 
+/// The process whose user sent a workload message, from its client_msg_id
+/// (`p<process>-<n>`; liveness writes `live-…` are sent by process 0's user).
+fn sender_of(cmid: &str) -> Option<u64> {
+    if cmid.starts_with("live-") {
+        return Some(0);
+    }
+    cmid.strip_prefix('p')?.split('-').next()?.parse().ok()
+}
+
+/// Where a row belongs in the feed: unread-and-unmuted first, then newest
+/// activity, ties by conversation id.
+fn feed_rank(d: &FeedDetail) -> (u8, std::cmp::Reverse<u64>, &str) {
+    (
+        if d.unread > 0 && !d.muted { 0 } else { 1 },
+        std::cmp::Reverse(d.activity_ms),
+        d.id.as_str(),
+    )
+}
+
+/// What user `p`'s feed row of a conversation must show once everything has
+/// converged: the last message as preview, and as unread count the
+/// messages of others after `p`'s own last message (sending marks read; the
+/// workload never marks read otherwise).
+fn expected_row(p: u64, msgs: &[Seen]) -> Option<(u64, &str, u64)> {
+    let (last_seq, last_cmid) = msgs.iter().max_by_key(|(s, _)| *s)?;
+    let own_last = msgs
+        .iter()
+        .filter(|(_, c)| sender_of(c) == Some(p))
+        .map(|(s, _)| *s)
+        .max()
+        .unwrap_or(0);
+    let unread = msgs
+        .iter()
+        .filter(|(s, c)| *s > own_last && sender_of(c) != Some(p))
+        .count() as u64;
+    Some((*last_seq, last_cmid.as_str(), unread))
+}
+
 /// Feed checks: per reader, rows never go back (conversation version, last
 /// seq) and tokens never go down; no row shows a seq the conversation
-/// doesn't have; each user's final feed shows every conversation at its
-/// final last seq.
+/// doesn't have; every full read lists rows in feed order; each user's
+/// final feed shows every conversation at its final last seq, with the
+/// last message as preview and the right unread count.
 fn check_feeds(r: &mut Results, ops: &[Op], final_lin: &HashMap<u32, &[Seen]>) {
+    for op in ops
+        .iter()
+        .filter(|o| matches!(o.inv.f, F::Feed | F::FinalFeed) && o.ty() == Type::Ok)
+    {
+        let rows = op.feed_detail();
+        if let Some(w) = rows
+            .windows(2)
+            .find(|w| feed_rank(&w[0]) > feed_rank(&w[1]))
+        {
+            r.feed_disagree += 1;
+            r.example(format!(
+                "feed order: process {}'s full feed at {:.3} s lists conversation {} (unread {}, muted {}, activity {}) before {} (unread {}, muted {}, activity {})",
+                op.inv.process,
+                op.inv.time_ns as f64 / 1e9,
+                w[0].conv, w[0].unread, w[0].muted, w[0].activity_ms,
+                w[1].conv, w[1].unread, w[1].muted, w[1].activity_ms,
+            ));
+        }
+    }
     let final_max: HashMap<u32, u64> = final_lin
         .iter()
         .map(|(c, m)| (*c, m.iter().map(|(s, _)| *s).max().unwrap_or(0)))
@@ -631,6 +694,28 @@ fn check_feeds(r: &mut Results, ops: &[Op], final_lin: &HashMap<u32, &[Seen]>) {
             r.feed_disagree += 1;
             r.example(format!("feed disagrees: no final feed of process {p}"));
             continue;
+        }
+        for d in op.feed_detail() {
+            let Some((last, cmid, unread)) =
+                final_lin.get(&d.conv).and_then(|m| expected_row(*p, m))
+            else {
+                continue;
+            };
+            let want: String = cmid.chars().take(100).collect();
+            if d.preview_seq != last || d.preview != want {
+                r.feed_disagree += 1;
+                r.example(format!(
+                    "feed disagrees: process {p}'s final feed previews conversation {} with seq {} {:?}, its last message is seq {last} {want:?}",
+                    d.conv, d.preview_seq, d.preview
+                ));
+            }
+            if d.unread != unread {
+                r.feed_disagree += 1;
+                r.example(format!(
+                    "feed disagrees: process {p}'s final feed counts {} unread in conversation {}, the conversation has {unread} after its own last message",
+                    d.unread, d.conv
+                ));
+            }
         }
         let got: HashMap<u32, u64> = op.feed().iter().map(|&(c, _, l)| (c, l)).collect();
         let mut convs: Vec<(&u32, &u64)> = final_max.iter().filter(|(_, m)| **m > 0).collect();
@@ -968,6 +1053,94 @@ mod tests {
         let i = h.inv(9, F::FinalFeed, |e| e.tokens = Some(vec![0]));
         h.done(i, Type::Fail, |_| {});
         assert_eq!(h.check().feed_disagree, 1);
+    }
+
+    fn detail(conv: u32, id: &str, preview: (u64, &str), unread: u64, act: u64) -> FeedDetail {
+        FeedDetail {
+            conv,
+            id: id.into(),
+            preview_seq: preview.0,
+            preview: preview.1.into(),
+            unread,
+            activity_ms: act,
+            muted: false,
+        }
+    }
+
+    fn full_feed(h: &mut H, f: F, rows: &[FeedSeen], details: Vec<FeedDetail>) {
+        let i = h.inv(9, f, |e| e.tokens = Some(vec![0]));
+        h.done(i, Type::Ok, |e| {
+            e.tokens = Some(vec![6]);
+            e.feed = Some(rows.to_vec());
+            e.feed_detail = Some(details);
+        });
+    }
+
+    #[test]
+    fn final_feed_previews_and_unread_counts_must_match_the_conversation() {
+        // Conversation 0 ends at seq 3 "b"; process 9 sent none of it.
+        let mut h = clean();
+        full_feed(
+            &mut h,
+            F::FinalFeed,
+            &[(0, 4, 3)],
+            vec![detail(0, "x", (3, "b"), 3, 5)],
+        );
+        assert_eq!(h.check().anomalies(), 0);
+        let mut h = clean();
+        full_feed(
+            &mut h,
+            F::FinalFeed,
+            &[(0, 4, 3)],
+            vec![detail(0, "x", (2, "c"), 3, 5)],
+        );
+        assert_eq!(h.check().feed_disagree, 1);
+        let mut h = clean();
+        full_feed(
+            &mut h,
+            F::FinalFeed,
+            &[(0, 4, 3)],
+            vec![detail(0, "x", (3, "b"), 2, 5)],
+        );
+        assert_eq!(h.check().feed_disagree, 1);
+    }
+
+    #[test]
+    fn full_feed_reads_must_be_in_feed_order() {
+        let mut h = clean();
+        let rows = [(0, 4, 3), (1, 1, 0)];
+        // Unread before read, then newest first, then by id.
+        let good = vec![
+            detail(0, "b", (3, "b"), 1, 5),
+            detail(1, "c", (0, ""), 0, 9),
+            detail(2, "a", (0, ""), 0, 7),
+            detail(3, "b", (0, ""), 0, 7),
+        ];
+        full_feed(&mut h, F::Feed, &rows, good);
+        assert_eq!(h.check().feed_disagree, 0);
+        let mut h = clean();
+        let bad = vec![
+            detail(1, "c", (0, ""), 0, 9),
+            detail(0, "b", (3, "b"), 1, 5),
+        ];
+        full_feed(&mut h, F::Feed, &rows, bad);
+        assert_eq!(h.check().feed_disagree, 1);
+        let mut h = clean();
+        let bad = vec![detail(1, "c", (0, ""), 0, 7), detail(0, "b", (0, ""), 0, 9)];
+        full_feed(&mut h, F::Feed, &rows, bad);
+        assert_eq!(h.check().feed_disagree, 1);
+    }
+
+    #[test]
+    fn unread_counts_start_after_the_readers_own_last_message() {
+        let msgs: Vec<Seen> = [(1, "p1-0"), (2, "p9-0"), (3, "p1-1"), (4, "live-0-0")]
+            .iter()
+            .map(|(s, c)| (*s, c.to_string()))
+            .collect();
+        assert_eq!(expected_row(9, &msgs), Some((4, "live-0-0", 2)));
+        assert_eq!(expected_row(0, &msgs), Some((4, "live-0-0", 0)));
+        assert_eq!(expected_row(1, &msgs), Some((4, "live-0-0", 1)));
+        assert_eq!(expected_row(1, &[]), None);
     }
 
     #[test]

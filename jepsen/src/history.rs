@@ -52,6 +52,20 @@ pub type Seen = (u64, String);
 /// version it reflects, last seq).
 pub type FeedSeen = (u32, u64, u64);
 
+/// What a full feed read (token 0) showed of one row, in the order read:
+/// enough to check its preview, its unread count and the feed order.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FeedDetail {
+    pub conv: u32,
+    /// The conversation id (ties in the feed order break by it).
+    pub id: String,
+    pub preview_seq: u64,
+    pub preview: String,
+    pub unread: u64,
+    pub activity_ms: u64,
+    pub muted: bool,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Event {
     pub index: u64,
@@ -79,6 +93,9 @@ pub struct Event {
     /// Feed reads: the rows returned.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub feed: Option<Vec<FeedSeen>>,
+    /// Full feed reads: the rows' details, in the order returned.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub feed_detail: Option<Vec<FeedDetail>>,
     /// Final: the replica read (absent: linearizable read via the leader).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node: Option<u64>,
@@ -104,6 +121,7 @@ impl Event {
             tokens: None,
             msgs: None,
             feed: None,
+            feed_detail: None,
             node: None,
             cold: None,
             value: None,

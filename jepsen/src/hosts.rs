@@ -248,12 +248,44 @@ impl Net {
                     id,
                     NodeHost {
                         listen: self.addr(id),
+                        advertise: None,
                         prefix,
                         env: Vec::new(),
                     },
                 )
             })
             .collect()
+    }
+
+    /// Where the proxies of the `slow` and `flaky` nemeses listen and what
+    /// they forward to, by node; and the nodes' source addresses (empty on
+    /// loopback, where every connection comes from 127.0.0.1).
+    #[allow(clippy::type_complexity)]
+    pub fn proxy_plan(
+        &self,
+    ) -> (
+        BTreeMap<u64, (String, String)>,
+        BTreeMap<std::net::IpAddr, u64>,
+    ) {
+        let host_ip = match self.mode {
+            // The suite's own end of the bridge: every node can reach it.
+            Mode::Netns => format!("{SUBNET}.1"),
+            Mode::Loopback => "127.0.0.1".to_string(),
+        };
+        let targets = self
+            .ips
+            .keys()
+            .map(|&id| (id, (format!("{host_ip}:0"), self.addr(id))))
+            .collect();
+        let sources = match self.mode {
+            Mode::Netns => self
+                .ips
+                .iter()
+                .filter_map(|(&id, ip)| ip.parse().ok().map(|ip| (ip, id)))
+                .collect(),
+            Mode::Loopback => BTreeMap::new(),
+        };
+        (targets, sources)
     }
 
     /// Cuts traffic between every pair in `cuts`, both ways.

@@ -14,6 +14,7 @@ pub mod checker;
 pub mod history;
 pub mod hosts;
 pub mod nemesis;
+pub mod proxy;
 pub mod report;
 pub mod runner;
 pub mod workload;

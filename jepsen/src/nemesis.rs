@@ -13,6 +13,7 @@ use rand::Rng;
 
 use crate::history::{Recorder, Type, F};
 use crate::hosts::Net;
+use crate::proxy::{LinkFault, Proxies, Source};
 
 /// The history's process number for the nemesis.
 pub const NEMESIS_PROCESS: u64 = 1_000_000;
@@ -41,18 +42,25 @@ pub enum Nemesis {
     Corrupt,
     /// kill -9 of every node at once, restarted at heal.
     KillAll,
-    /// Not in `all` (it finds a known problem, see README): with a node
-    /// killed, cut the tail off its newest RocksDB WAL file; it must refuse
-    /// to start, or at least not forget log entries it acknowledged.
+    /// Every node behind a TCP proxy (no netem here); random links get
+    /// 5..200 ms of latency with jitter, order kept.
+    Slow,
+    /// Every node behind a TCP proxy; the links between a random minority
+    /// and the rest drop connections (a reset per ~50 chunks) and lag.
+    Flaky,
+    /// With a node killed, cut the tail off its newest RocksDB WAL file; it
+    /// must refuse to start, or at least not forget log entries it
+    /// acknowledged.
     CorruptWal,
-    /// Not in `all` (it loses acknowledged writes, see README): a scripted
+    /// Not in `all` (the damaged node must be replaced by an operator before
+    /// the cluster is whole again, see README): a scripted
     /// scenario on 3 nodes. Isolate follower C; writes commit on leader A
     /// and follower B alone; kill B, cut the tail off its WAL; kill A;
     /// restart B with C. B and C elect a leader without A's tail.
     WalLoss,
 }
 
-pub const ALL: [Nemesis; 10] = [
+pub const ALL: [Nemesis; 13] = [
     Nemesis::Partition,
     Nemesis::PartitionLeader,
     Nemesis::PartitionBridge,
@@ -63,10 +71,13 @@ pub const ALL: [Nemesis; 10] = [
     Nemesis::ClockSkew,
     Nemesis::Corrupt,
     Nemesis::KillAll,
+    Nemesis::Slow,
+    Nemesis::Flaky,
+    Nemesis::CorruptWal,
 ];
 
 /// Nemeses that exist but are not part of `all` / `short` / `long`.
-pub const EXTRA: [Nemesis; 2] = [Nemesis::CorruptWal, Nemesis::WalLoss];
+pub const EXTRA: [Nemesis; 1] = [Nemesis::WalLoss];
 
 impl Nemesis {
     pub fn name(self) -> &'static str {
@@ -81,9 +92,16 @@ impl Nemesis {
             Nemesis::ClockSkew => "clock-skew",
             Nemesis::Corrupt => "corrupt",
             Nemesis::KillAll => "kill-all",
+            Nemesis::Slow => "slow",
+            Nemesis::Flaky => "flaky",
             Nemesis::CorruptWal => "corrupt-wal",
             Nemesis::WalLoss => "wal-loss",
         }
+    }
+
+    /// Whether the nodes run behind the suite's TCP proxies.
+    pub fn uses_proxy(self) -> bool {
+        matches!(self, Nemesis::Slow | Nemesis::Flaky)
     }
 
     pub fn parse(s: &str) -> Option<Nemesis> {
@@ -131,6 +149,8 @@ struct Active {
     skewed: Vec<u64>,
     /// (node, backup of its data dir)
     corrupted: Option<(u64, PathBuf)>,
+    /// Proxy faults are set.
+    proxied: bool,
 }
 
 /// Injects and heals faults in one cluster.
@@ -145,6 +165,8 @@ pub struct Faults<'a> {
     /// A node started on a corrupted data dir instead of refusing (an anomaly).
     pub corrupt_started: usize,
     pub notes: Vec<String>,
+    /// The proxies in front of the nodes, for `slow` and `flaky`.
+    pub proxies: Option<&'a Proxies>,
     active: Active,
 }
 
@@ -169,6 +191,7 @@ impl<'a> Faults<'a> {
             injected: 0,
             corrupt_started: 0,
             notes: Vec::new(),
+            proxies: None,
             active: Active::default(),
         }
     }
@@ -363,6 +386,63 @@ impl<'a> Faults<'a> {
             Nemesis::KillAll => {
                 self.kill(&all);
                 self.record(format!("kill -9 all {all:?}"));
+            }
+            Nemesis::Slow => {
+                let p = self.proxies.context("slow runs behind the proxies")?;
+                let mut what = Vec::new();
+                for &to in &all {
+                    let sources: Vec<Option<Source>> = if p.per_link() {
+                        all.iter()
+                            .filter(|&&f| f != to)
+                            .map(|&f| Some(Source::Node(f)))
+                            .collect()
+                    } else {
+                        vec![None]
+                    };
+                    for from in sources {
+                        if !self.rng.gen_bool(0.6) {
+                            continue;
+                        }
+                        let lo = self.rng.gen_range(5..=50);
+                        let hi = lo + self.rng.gen_range(0..=150);
+                        p.set(
+                            from,
+                            to,
+                            LinkFault {
+                                delay_ms: (lo, hi),
+                                reset_per_mille: 0,
+                            },
+                        );
+                        what.push(match from {
+                            Some(Source::Node(f)) => format!("{f}->{to} {lo}-{hi}ms"),
+                            _ => format!("*->{to} {lo}-{hi}ms"),
+                        });
+                    }
+                }
+                self.active.proxied = true;
+                self.record(format!("slow links {}", what.join(", ")));
+            }
+            Nemesis::Flaky => {
+                let p = self.proxies.context("flaky runs behind the proxies")?;
+                let m = self.minority();
+                let fault = LinkFault {
+                    delay_ms: (0, 30),
+                    reset_per_mille: 20,
+                };
+                if p.per_link() {
+                    for &a in &m {
+                        for &b in all.iter().filter(|b| !m.contains(b)) {
+                            p.set(Some(Source::Node(a)), b, fault);
+                            p.set(Some(Source::Node(b)), a, fault);
+                        }
+                    }
+                } else {
+                    for &a in &m {
+                        p.set(None, a, fault);
+                    }
+                }
+                self.active.proxied = true;
+                self.record(format!("flaky links between {m:?} and the rest"));
             }
         }
         tokio::time::sleep(hold).await;
@@ -631,6 +711,16 @@ impl<'a> Faults<'a> {
     /// Heals everything: network, paused, killed, corrupted, skewed nodes.
     pub async fn heal(&mut self) -> Result<()> {
         let mut what = Vec::new();
+        if self.active.proxied {
+            if let Some(p) = self.proxies {
+                p.heal();
+                what.push(format!(
+                    "links healed ({} connections reset so far)",
+                    p.resets()
+                ));
+            }
+            self.active.proxied = false;
+        }
         if self.active.cut {
             self.net.heal()?;
             self.active.cut = false;

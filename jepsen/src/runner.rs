@@ -20,6 +20,7 @@ use crate::checker::{self, Results};
 use crate::history::{Recorder, Seen, Type, F};
 use crate::hosts::{Mode, Net};
 use crate::nemesis::{self, Faults, Nemesis};
+use crate::proxy::Proxies;
 use crate::workload::{self, MessagingClient, NodeApiClient, WorkloadCfg};
 
 /// The history's process number of liveness writes after healing.
@@ -138,6 +139,19 @@ pub async fn run(cfg: &RunCfg) -> Result<RunResult> {
         }
     }
 
+    // `slow` and `flaky` put a TCP proxy in front of every node: peers and
+    // clients reach a node through the address its proxy listens on.
+    let proxies = if cfg.nemesis.uses_proxy() {
+        let (targets, sources) = net.proxy_plan();
+        let p = Proxies::start(targets, sources, cfg.seed).await?;
+        for (id, h) in hosts.iter_mut() {
+            h.advertise = p.advertise(*id);
+        }
+        Some(p)
+    } else {
+        None
+    };
+
     let opts = ClusterOpts {
         nodes: cfg.nodes,
         shards: cfg.shards,
@@ -153,7 +167,7 @@ pub async fn run(cfg: &RunCfg) -> Result<RunResult> {
         Ok(Err(e)) => return Err(e.context("starting the cluster")),
         Err(_) => anyhow::bail!("the cluster did not start within 120 s"),
     };
-    let outcome = drive(cfg, &rec, &mut cluster, &net).await;
+    let outcome = drive(cfg, &rec, &mut cluster, &net, proxies.as_ref()).await;
     // Keep the node logs next to the history.
     let _ = std::fs::create_dir_all(&logs);
     for n in cluster.nodes.values() {
@@ -186,7 +200,13 @@ pub async fn run(cfg: &RunCfg) -> Result<RunResult> {
 
 type Drive = (usize, bool, usize, Vec<String>);
 
-async fn drive(cfg: &RunCfg, rec: &Recorder, cluster: &mut Cluster, net: &Net) -> Result<Drive> {
+async fn drive(
+    cfg: &RunCfg,
+    rec: &Recorder,
+    cluster: &mut Cluster,
+    net: &Net,
+    proxies: Option<&Proxies>,
+) -> Result<Drive> {
     let natter = Natter::new(ShardClient::new(cluster.addrs()), cluster.shards);
     let client = NodeApiClient {
         natter: natter.clone(),
@@ -232,6 +252,7 @@ async fn drive(cfg: &RunCfg, rec: &Recorder, cluster: &mut Cluster, net: &Net) -
     );
     let frng = StdRng::seed_from_u64(rng.gen());
     let mut faults = Faults::new(cluster, net, rec.clone(), frng, skew_dir_of(cfg));
+    faults.proxies = proxies;
     let end = Instant::now() + cfg.time_limit;
     let mut fault_err = None;
     loop {

@@ -19,7 +19,7 @@ use natter_tests::Outcome;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use crate::history::{FeedSeen, Recorder, Seen, Type, F};
+use crate::history::{FeedDetail, FeedSeen, Recorder, Seen, Type, F};
 
 /// What a send ended with.
 #[derive(Clone, Debug)]
@@ -43,6 +43,26 @@ pub struct SyncResult {
     pub cold: bool,
 }
 
+/// A feed row's details as read: (conversation id, preview seq, preview
+/// text, unread count, last activity, muted).
+pub type RowDetail = (String, u64, String, u64, u64, bool);
+
+fn detail(e: &pb::FeedEntry) -> Option<RowDetail> {
+    let c = e.conversation.as_ref()?;
+    let (seq, text) = c
+        .preview
+        .as_ref()
+        .map_or((0, String::new()), |p| (p.seq, p.text.clone()));
+    Some((
+        c.conversation_id.clone(),
+        seq,
+        text,
+        c.unread_count,
+        c.last_activity_ms,
+        e.muted,
+    ))
+}
+
 /// What one feed read returned.
 #[derive(Clone, Debug, Default)]
 pub struct FeedSync {
@@ -52,6 +72,8 @@ pub struct FeedSync {
     pub rows: Vec<(String, u64, u64)>,
     /// The shard answered a cold start to a non-zero token.
     pub cold: bool,
+    /// Full reads: every row's details, in the order read.
+    pub details: Vec<RowDetail>,
 }
 
 /// The client path the workload drives.
@@ -200,6 +222,7 @@ impl MessagingClient for NodeApiClient {
                     out.tokens.push(p.token);
                 }
                 out.rows.extend(p.entries.iter().filter_map(row));
+                out.details.extend(p.entries.iter().filter_map(detail));
                 if p.cursor.is_empty() {
                     return Ok(out);
                 }
@@ -302,6 +325,24 @@ impl Conversations {
                     .iter()
                     .position(|x| *x == id)
                     .map(|i| (i as u32, v, s))
+            })
+            .collect()
+    }
+
+    /// Row details with conversation numbers (others are dropped).
+    pub fn number_details(&self, rows: Vec<RowDetail>) -> Vec<FeedDetail> {
+        rows.into_iter()
+            .filter_map(|(id, preview_seq, preview, unread, activity_ms, muted)| {
+                let conv = self.ids.iter().position(|x| *x == id)? as u32;
+                Some(FeedDetail {
+                    conv,
+                    id,
+                    preview_seq,
+                    preview,
+                    unread,
+                    activity_ms,
+                    muted,
+                })
             })
             .collect()
     }
@@ -410,9 +451,11 @@ pub async fn record_feed<C: MessagingClient>(
             let next = s.tokens.last().copied().unwrap_or(token);
             let rows = convs.number(s.rows);
             let kept = rows.clone();
+            let details = (token == 0).then(|| convs.number_details(s.details));
             rec.complete(&op, Type::Ok, |e| {
                 e.tokens = Some(s.tokens);
                 e.feed = Some(rows);
+                e.feed_detail = details;
                 e.cold = s.cold.then_some(true);
             });
             Some((next, kept))

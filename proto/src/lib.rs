@@ -12,3 +12,8 @@ pub mod cluster {
 pub mod model {
     tonic::include_proto!("natter.model");
 }
+
+/// The client API over gRPC (mobile apps, the SDK, the CLI).
+pub mod client {
+    tonic::include_proto!("natter.client");
+}

@@ -71,6 +71,8 @@ impl Closer {
 /// against the queue's budget.
 pub struct Frame {
     pub text: String,
+    /// A gRPC stream's event (instead of `text`).
+    event: Option<Box<natter_proto::client::Event>>,
     len: usize,
     permit: Option<OwnedSemaphorePermit>,
 }
@@ -80,8 +82,14 @@ impl Frame {
         Frame {
             len: text.len(),
             text,
+            event: None,
             permit,
         }
+    }
+
+    /// The event to write on a gRPC stream (the frame keeps its accounting).
+    pub fn take_event(&mut self) -> Option<natter_proto::client::Event> {
+        self.event.take().map(|e| *e)
     }
 
     fn budgeted(&self) -> bool {
@@ -105,6 +113,8 @@ pub struct Outbound {
     max_frames: usize,
     max_bytes: usize,
     closer: std::sync::Arc<Closer>,
+    /// Pushes are queued as protobuf events (gRPC), not JSON text.
+    typed: bool,
 }
 
 impl Outbound {
@@ -122,19 +132,52 @@ impl Outbound {
                 max_frames,
                 max_bytes,
                 closer,
+                typed: false,
             },
             rx,
         )
+    }
+
+    /// A queue of protobuf events (a gRPC stream) with the same budget.
+    pub fn new_typed(
+        max_frames: usize,
+        max_bytes: usize,
+        closer: std::sync::Arc<Closer>,
+    ) -> (Outbound, mpsc::UnboundedReceiver<Frame>) {
+        let (mut out, rx) = Outbound::new(max_frames, max_bytes, closer);
+        out.typed = true;
+        (out, rx)
+    }
+
+    /// Queues a pushed event in this connection's encoding (budgeted, like
+    /// [`Outbound::send`]).
+    pub fn push(&self, p: crate::push::Push) -> bool {
+        if !self.typed {
+            return self.send(p.to_json().to_string());
+        }
+        let ev = crate::grpc::event(p);
+        let len = prost::Message::encoded_len(&ev);
+        let frame = Frame {
+            text: String::new(),
+            event: Some(Box::new(ev)),
+            len,
+            permit: None,
+        };
+        self.enqueue(frame)
     }
 
     /// Queues a budgeted frame; false (and the connection closes) when the
     /// budget is exhausted. One frame larger than the byte budget is let
     /// through when nothing budgeted is queued.
     pub fn send(&self, text: String) -> bool {
+        self.enqueue(Frame::new(text, None))
+    }
+
+    fn enqueue(&self, frame: Frame) -> bool {
         if self.closer.is_closed() {
             return false;
         }
-        let len = text.len();
+        let len = frame.len;
         let frames = self.frames.fetch_add(1, Ordering::AcqRel) + 1;
         let bytes = self.bytes.fetch_add(len, Ordering::AcqRel) + len;
         if frames > self.max_frames || (bytes > self.max_bytes && frames > 1) {
@@ -145,7 +188,7 @@ impl Outbound {
             );
             return false;
         }
-        if self.tx.send(Frame::new(text, None)).is_err() {
+        if self.tx.send(frame).is_err() {
             self.uncount(len);
             return false;
         }

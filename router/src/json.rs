@@ -150,24 +150,31 @@ pub fn friend_entry(f: &pb::FriendEntry) -> Value {
     })
 }
 
-/// A friendship row as `me` sees it (being blocked looks like no relation).
-pub fn friendship(f: &pb::Friendship, me: &str) -> Value {
+/// A friendship row as `me` sees it: the other user and the relation
+/// (being blocked looks like no relation). Shared by every front-end.
+pub fn friendship_view<'a>(f: &'a pb::Friendship, me: &str) -> (&'a str, pb::FriendRelation) {
     let i_am_a = f.user_a == me;
     let other = if i_am_a { &f.user_b } else { &f.user_a };
     let rel = match pb::FriendState::try_from(f.state) {
-        Ok(pb::FriendState::Accepted) => "friend",
-        Ok(pb::FriendState::Requested) if f.requested_by == me => "outgoing",
-        Ok(pb::FriendState::Requested) => "incoming",
+        Ok(pb::FriendState::Accepted) => pb::FriendRelation::Friend,
+        Ok(pb::FriendState::Requested) if f.requested_by == me => pb::FriendRelation::Outgoing,
+        Ok(pb::FriendState::Requested) => pb::FriendRelation::Incoming,
         Ok(pb::FriendState::Blocked)
             if (i_am_a && f.blocked_by_a) || (!i_am_a && f.blocked_by_b) =>
         {
-            "blocked"
+            pb::FriendRelation::Blocked
         }
-        _ => "none",
+        _ => pb::FriendRelation::None,
     };
+    (other, rel)
+}
+
+/// A friendship row as `me` sees it (being blocked looks like no relation).
+pub fn friendship(f: &pb::Friendship, me: &str) -> Value {
+    let (other, rel) = friendship_view(f, me);
     json!({
         "user_id": other,
-        "relation": rel,
+        "relation": relation(rel as i32),
         "version": f.version,
         "updated_at_ms": f.updated_at_ms,
     })

@@ -15,12 +15,14 @@
 //! * [`conn`] — bounded outgoing queue and close signal of a connection.
 //! * [`ws`] — one WebSocket connection: frames, errors, limits.
 //! * [`http`] — the HTTP endpoints.
+//! * [`grpc`] — the client API over gRPC (same port, HTTP/2).
 
 pub mod auth;
 pub mod cluster;
 pub mod config;
 pub mod conn;
 pub mod error;
+pub mod grpc;
 pub mod http;
 pub mod json;
 pub mod ops;
@@ -90,7 +92,7 @@ pub async fn serve(
         draining: AtomicBool::new(false),
         tasks: TaskTracker::new(),
     });
-    let app = http::routes(state.clone());
+    let app = http::routes(state.clone()).merge(grpc::routes(state.clone()));
     let http_stop = CancellationToken::new();
     let server = {
         let http_stop = http_stop.clone();

@@ -241,6 +241,20 @@ fn parse_notifications(n: &str) -> Result<i32, ApiError> {
     }
 }
 
+/// What an operation answers, before a front-end encodes it.
+#[derive(Debug)]
+pub enum Answer {
+    Empty,
+    /// The model's answer (never `R::Error`: that is an `Err`).
+    Model(R),
+    /// A user: `own` = the caller's own profile (settings included);
+    /// otherwise only the public fields may be shown.
+    User {
+        user: pb::User,
+        own: bool,
+    },
+}
+
 /// Runs the cluster operations of protocol v1 for one user.
 pub struct Ops<'a> {
     pub cluster: &'a Cluster,
@@ -357,10 +371,21 @@ impl Ops<'_> {
     /// Runs a cluster request (not `ping`, `resume` or `typing`, which the
     /// connection handles) and returns the reply's `ok` object.
     pub async fn run(&self, req: Request) -> Result<Value, ApiError> {
+        Ok(match self.call(req).await? {
+            Answer::Empty => json!({}),
+            Answer::Model(r) => json::response(&r, self.me),
+            Answer::User { user, own: true } => json!({"user": json::own_user(&user)}),
+            Answer::User { user, own: false } => json!({"user": json::public_user(&user)}),
+        })
+    }
+
+    /// Runs a cluster request as the session's user and returns the model's
+    /// answer, for any front-end (WebSocket JSON, gRPC) to encode.
+    pub async fn call(&self, req: Request) -> Result<Answer, ApiError> {
         let me = self.me.to_string();
         let r = match req {
             Request::Ping {} | Request::Resume { .. } | Request::Typing { .. } => {
-                return Ok(json!({}))
+                return Ok(Answer::Empty)
             }
             Request::Send {
                 conversation_id,
@@ -617,9 +642,8 @@ impl Ops<'_> {
             }
             Request::GetUser { user_id } => {
                 let u = self.user(&user_id).await?;
-                return Ok(
-                    json!({"user": if u.id == me { json::own_user(&u) } else { json::public_user(&u) }}),
-                );
+                let own = u.id == me;
+                return Ok(Answer::User { user: u, own });
             }
             Request::LookupUser { username } => {
                 let username = crate::auth::normalize_username(&username)?;
@@ -642,11 +666,14 @@ impl Ops<'_> {
                 if !self.may_reach(&u).await? {
                     return Err(hidden());
                 }
-                return Ok(json!({"user": json::public_user(&u)}));
+                return Ok(Answer::User {
+                    user: u,
+                    own: false,
+                });
             }
             Request::Me {} => {
                 let u = self.user(&me).await?;
-                return Ok(json!({"user": json::own_user(&u)}));
+                return Ok(Answer::User { user: u, own: true });
             }
             Request::UpdateSettings {
                 privacy,
@@ -667,7 +694,7 @@ impl Ops<'_> {
                 .await?
             }
         };
-        Ok(json::response(&r, &me))
+        Ok(Answer::Model(r))
     }
 }
 

@@ -140,6 +140,93 @@ fn event(name: &str, mut fields: Map<String, Value>) -> Value {
     Value::Object(m)
 }
 
+/// One pushed event, before a front-end encodes it (JSON for the
+/// WebSocket, protobuf for gRPC).
+#[derive(Debug, Clone)]
+pub enum Push {
+    Feed {
+        from_token: u64,
+        page: pb::FeedPage,
+    },
+    Conversation {
+        conversation_id: String,
+        from_token: u64,
+        sync: pb::ConversationSync,
+    },
+    ConversationGone {
+        conversation_id: String,
+        message: Option<String>,
+    },
+    Friends,
+    Typing {
+        conversation_id: String,
+        user_id: String,
+    },
+    SessionEnded {
+        reason: Option<String>,
+    },
+    Reconnect {
+        reason: String,
+    },
+}
+
+impl Push {
+    /// The WebSocket event (docs/protocol.md, "Events").
+    pub fn to_json(&self) -> Value {
+        match self {
+            Push::Feed { from_token, page } => {
+                let mut m = json::feed_page(page);
+                m.insert("from_token".into(), json!(from_token));
+                event("feed", m)
+            }
+            Push::Conversation {
+                conversation_id,
+                from_token,
+                sync,
+            } => {
+                let mut m = Map::new();
+                m.insert("conversation_id".into(), json!(conversation_id));
+                m.insert("from_token".into(), json!(from_token));
+                m.append(&mut json::conversation_sync(sync));
+                event("conversation", m)
+            }
+            Push::ConversationGone {
+                conversation_id,
+                message,
+            } => {
+                let mut m = Map::new();
+                m.insert("conversation_id".into(), json!(conversation_id));
+                if let Some(message) = message {
+                    m.insert("message".into(), json!(message));
+                }
+                event("conversation_gone", m)
+            }
+            Push::Friends => event("friends", Map::new()),
+            Push::Typing {
+                conversation_id,
+                user_id,
+            } => event(
+                "typing",
+                Map::from_iter([
+                    ("conversation_id".to_string(), json!(conversation_id)),
+                    ("user_id".to_string(), json!(user_id)),
+                ]),
+            ),
+            Push::SessionEnded { reason } => {
+                let mut m = Map::new();
+                if let Some(reason) = reason {
+                    m.insert("reason".into(), json!(reason));
+                }
+                event("session_ended", m)
+            }
+            Push::Reconnect { reason } => event(
+                "reconnect",
+                Map::from_iter([("reason".to_string(), json!(reason))]),
+            ),
+        }
+    }
+}
+
 impl Hub {
     pub fn new(cluster: Cluster, page: u32, timeout: Duration) -> Arc<Hub> {
         Arc::new(Hub {
@@ -222,7 +309,7 @@ impl Hub {
             })
             .unwrap_or_default();
         for d in devs {
-            d.out.send_json(&event("session_ended", Map::new()));
+            d.out.push(Push::SessionEnded { reason: None });
             d.out
                 .closer()
                 .close(crate::conn::close::SESSION_ENDED, "session ended");
@@ -263,17 +350,32 @@ impl Hub {
                 .cloned()
                 .collect()
         };
-        let ev = event(
-            "typing",
-            Map::from_iter([
-                ("conversation_id".to_string(), json!(conv)),
-                ("user_id".to_string(), json!(dev.user_id)),
-            ]),
-        );
         for d in targets {
-            d.out.send_json(&ev);
+            d.out.push(Push::Typing {
+                conversation_id: conv.to_string(),
+                user_id: dev.user_id.clone(),
+            });
         }
         Ok(())
+    }
+
+    /// [`Hub::typing`] from whichever local device of this session tracks
+    /// the conversation (gRPC: typing is a call beside the Subscribe stream).
+    pub fn typing_for_session(&self, token_hash: &[u8; 32], conv: &str) -> Result<(), ApiError> {
+        let dev = self.index.lock().ok().and_then(|ix| {
+            let ids = ix.by_token.get(token_hash)?;
+            let tracking = ix.by_conv.get(conv);
+            ids.iter()
+                .find(|id| tracking.is_some_and(|t| t.contains(id)))
+                .or_else(|| ids.iter().next())
+                .and_then(|id| ix.devices.get(id).cloned())
+        });
+        match dev {
+            Some(d) => self.typing(&d, conv),
+            None => Err(ApiError::not_found(
+                "conversation not found (open a Subscribe stream first to track your conversations)",
+            )),
+        }
     }
 
     /// Applies one Watch event: marks what changed dirty on the devices
@@ -317,7 +419,7 @@ impl Hub {
             }
         }
         for d in friends {
-            d.out.send_json(&event("friends", Map::new()));
+            d.out.push(Push::Friends);
         }
     }
 
@@ -337,15 +439,10 @@ impl Hub {
             .lock()
             .map(|ix| ix.devices.values().cloned().collect())
             .unwrap_or_default();
-        let ev = event(
-            "reconnect",
-            Map::from_iter([(
-                "reason".to_string(),
-                json!("the router is shutting down; reconnect and resume"),
-            )]),
-        );
         for d in devs {
-            d.out.send_json(&ev);
+            d.out.push(Push::Reconnect {
+                reason: "the router is shutting down; reconnect and resume".into(),
+            });
         }
     }
 
@@ -499,9 +596,10 @@ impl Hub {
     }
 
     fn push_feed(&self, dev: &Device, from: u64, p: &pb::FeedPage) {
-        let mut m = json::feed_page(p);
-        m.insert("from_token".into(), json!(from));
-        dev.out.send_json(&event("feed", m));
+        dev.out.push(Push::Feed {
+            from_token: from,
+            page: p.clone(),
+        });
     }
 
     /// Pushes the feed's changes since the device's token (a cold start of
@@ -606,22 +704,20 @@ impl Hub {
                     // from `resume`: stop tracking it.
                     st.convs.remove(conv);
                     self.untrack(dev, conv);
-                    let mut m = Map::new();
-                    m.insert("conversation_id".into(), json!(conv));
-                    if code != ErrorCode::NotFound {
-                        m.insert("message".into(), json!(message));
-                    }
-                    dev.out.send_json(&event("conversation_gone", m));
+                    dev.out.push(Push::ConversationGone {
+                        conversation_id: conv.to_string(),
+                        message: (code != ErrorCode::NotFound).then_some(message),
+                    });
                     return Ok(());
                 }
                 Err(e) => return Err(e),
             };
             if s.cold_start || !s.changes.is_empty() || s.token != from {
-                let mut m = Map::new();
-                m.insert("conversation_id".into(), json!(conv));
-                m.insert("from_token".into(), json!(from));
-                m.append(&mut json::conversation_sync(&s));
-                dev.out.send_json(&event("conversation", m));
+                dev.out.push(Push::Conversation {
+                    conversation_id: conv.to_string(),
+                    from_token: from,
+                    sync: s.clone(),
+                });
             }
             st.convs.insert(conv.to_string(), s.token);
             if !s.has_more || s.token == from {

@@ -174,9 +174,11 @@ async fn write_loop(
 
 /// Closes the connection when its session expires, or when a periodic
 /// check finds it revoked (a logout through another router).
-async fn watchdog(state: Arc<AppState>, session: SessionInfo, out: Arc<Outbound>) {
+pub(crate) async fn watchdog(state: Arc<AppState>, session: SessionInfo, out: Arc<Outbound>) {
     let end = |why: &str| {
-        out.send_json(&json!({"v": 1, "event": "session_ended", "reason": why}));
+        out.push(crate::push::Push::SessionEnded {
+            reason: Some(why.to_string()),
+        });
         out.closer().close(close::SESSION_ENDED, why);
     };
     loop {

@@ -20,6 +20,7 @@ use natter_proto::cluster::{
 };
 use tonic::transport::Channel;
 
+pub mod grpc;
 pub mod natter;
 pub mod router;
 
@@ -112,8 +113,11 @@ impl Default for ClusterOpts {
 /// (the fault-injection suite: network namespaces, libfaketime).
 #[derive(Clone, Debug, Default)]
 pub struct NodeHost {
-    /// The node's `--listen` address (also what it advertises).
+    /// The node's `--listen` address.
     pub listen: String,
+    /// What it advertises to peers and clients (default: `listen`), e.g. a
+    /// proxy in front of it.
+    pub advertise: Option<String>,
     /// Argv run in front of `natter-node`, e.g. `["ip", "netns", "exec", "ns1"]`.
     pub prefix: Vec<String>,
     /// Extra environment variables of the process.
@@ -140,7 +144,7 @@ impl Cluster {
         let dir = tempfile::Builder::new().prefix("natter-test-").tempdir()?;
         let addrs: BTreeMap<u64, String> = (1..=opts.nodes)
             .map(|id| match hosts.get(&id) {
-                Some(h) => (id, h.listen.clone()),
+                Some(h) => (id, h.advertise.clone().unwrap_or_else(|| h.listen.clone())),
                 None => (id, format!("127.0.0.1:{}", free_port())),
             })
             .collect();
@@ -152,10 +156,16 @@ impl Cluster {
         let mut nodes = BTreeMap::new();
         for (id, addr) in &addrs {
             let data_dir = dir.path().join(format!("node{id}"));
+            let listen = hosts
+                .get(id)
+                .map(|h| h.listen.clone())
+                .unwrap_or_else(|| addr.clone());
             let mut args = vec![
                 "--node-id".to_string(),
                 id.to_string(),
                 "--listen".into(),
+                listen,
+                "--advertise".into(),
                 addr.clone(),
                 "--data-dir".into(),
                 data_dir.display().to_string(),
