@@ -424,7 +424,13 @@ async fn sync(args: &Args) -> Result<()> {
     })
     .await?;
     let n = Natter::new(ShardClient::new(c.addrs()), c.shards);
-    let table = sync_rows(&n, c.shards, &[("small", 100), ("large", history)], args.reads).await?;
+    let table = sync_rows(
+        &n,
+        c.shards,
+        &[("small", 100), ("large", history)],
+        args.reads,
+    )
+    .await?;
     let disk: u64 = c.nodes.values().map(|node| dir_bytes(&node.data_dir)).sum();
     let rss: u64 = c
         .nodes
@@ -480,7 +486,11 @@ async fn compare(args: &Args) -> Result<()> {
         history: args.history.unwrap_or(if q { 1_000 } else { 100_000 }),
         reads: if q { 20 } else { args.reads },
         idle_conns: args.idle_conns.unwrap_or(if q { 200 } else { 10_000 }),
-        groups: list(args.groups.as_deref().unwrap_or(if q { "10,50" } else { "100,1000" }))?,
+        groups: list(
+            args.groups
+                .as_deref()
+                .unwrap_or(if q { "10,50" } else { "100,1000" }),
+        )?,
         e2e_msgs: if q { 20 } else { 300 },
         sustained_rate: if q { 300.0 } else { args.sustained_rate },
         sustained_secs: args.sustained_secs.unwrap_or(if q { 2.0 } else { 60.0 }),

@@ -41,7 +41,7 @@ fn quick_compare_produces_every_row_and_figure() {
         .expect("valid JSON");
     let md = std::fs::read_to_string(md).expect("read md");
 
-    let mut systems = vec!["natter-ws"];
+    let mut systems = vec!["natter-ws", "natter-grpc"];
     if !no_peers {
         systems.extend(["etcd", "nats-always", "nats-default"]);
     }
@@ -52,10 +52,16 @@ fn quick_compare_produces_every_row_and_figure() {
                 .iter()
                 .find(|x| x["system"] == *sys && x["concurrency"] == c)
                 .unwrap_or_else(|| panic!("no row for {sys} at {c} clients"));
-            assert!(row["ops"].as_u64().unwrap_or(0) > 0, "{sys}/{c}: no ops: {row}");
+            assert!(
+                row["ops"].as_u64().unwrap_or(0) > 0,
+                "{sys}/{c}: no ops: {row}"
+            );
             assert!(row["p50_us"].as_u64().unwrap_or(0) > 0, "{sys}/{c}: {row}");
             assert!(row["p99_us"].as_u64() >= row["p50_us"].as_u64(), "{row}");
-            assert!(row["cpu_secs"].as_f64().unwrap_or(0.0) > 0.0, "{sys}/{c}: {row}");
+            assert!(
+                row["cpu_secs"].as_f64().unwrap_or(0.0) > 0.0,
+                "{sys}/{c}: {row}"
+            );
         }
     }
     assert_eq!(rows.len(), systems.len() * 3, "unexpected rows: {rows:?}");
@@ -66,15 +72,28 @@ fn quick_compare_produces_every_row_and_figure() {
     if !no_peers {
         let v = r["versions"].as_object().expect("versions");
         assert!(v["etcd"].as_str().unwrap_or("").contains("3."), "{v:?}");
-        assert!(v["nats-server"].as_str().unwrap_or("").contains("third-party"), "{v:?}");
-        assert!(md.contains("NOT DURABLE"), "the non-durable NATS row must say so");
+        assert!(
+            v["nats-server"]
+                .as_str()
+                .unwrap_or("")
+                .contains("third-party"),
+            "{v:?}"
+        );
+        assert!(
+            md.contains("NOT DURABLE"),
+            "the non-durable NATS row must say so"
+        );
     }
 
     let x = &r["natter_only"];
     let s = &x["sustained"];
     assert!(s["ok"].as_u64().unwrap_or(0) > 0, "sustained: {s}");
     for k in ["same_router", "across_routers"] {
-        assert!(x["e2e"][k]["n"].as_u64().unwrap_or(0) > 0, "e2e {k}: {}", x["e2e"]);
+        assert!(
+            x["e2e"][k]["n"].as_u64().unwrap_or(0) > 0,
+            "e2e {k}: {}",
+            x["e2e"]
+        );
         assert!(x["e2e"][k]["p50_us"].as_u64().unwrap_or(0) > 0);
     }
     for g in ["group_10", "group_50"] {
@@ -88,7 +107,12 @@ fn quick_compare_produces_every_row_and_figure() {
     assert!(x["idle_connections"]["sampled_alive"].as_u64().unwrap_or(0) > 0);
     let sync = x["sync"]["rows"].as_array().expect("sync rows");
     assert_eq!(sync.len(), 2);
-    assert!(x["sync"]["disk_per_million_per_node_mib"].as_f64().unwrap_or(0.0) > 0.0);
+    assert!(
+        x["sync"]["disk_per_million_per_node_mib"]
+            .as_f64()
+            .unwrap_or(0.0)
+            > 0.0
+    );
     let f = &x["failover"];
     assert!(f["failover_ms"].as_f64().unwrap_or(0.0) > 0.0, "{f}");
     assert!(f["entries_to_catch_up"].as_u64().unwrap_or(0) > 0, "{f}");

@@ -36,6 +36,14 @@ pub enum Worker {
         conversation: String,
         prefix: String,
     },
+    /// Natter through the router: `natter.client.Natter/Send` over gRPC
+    /// (the generated tonic client, its own HTTP/2 connection).
+    NatterGrpc {
+        api: natter_tests::grpc::Api,
+        token: String,
+        conversation: String,
+        prefix: String,
+    },
     Etcd(EtcdKv),
     Nats(NatsPub),
 }
@@ -59,6 +67,24 @@ impl Worker {
                 if r.get("ok").is_none() {
                     bail!("send failed: {r}");
                 }
+                Ok(())
+            }
+            Worker::NatterGrpc {
+                api,
+                token,
+                conversation,
+                prefix,
+            } => {
+                api.send(natter_tests::grpc::authed(
+                    token,
+                    natter_proto::client::SendRequest {
+                        conversation_id: conversation.clone(),
+                        client_msg_id: format!("{prefix}-{i}"),
+                        text: text.to_string(),
+                        ..Default::default()
+                    },
+                ))
+                .await?;
                 Ok(())
             }
             Worker::Etcd(kv) => kv.put(text.as_bytes()).await,
@@ -178,12 +204,8 @@ pub async fn open_loop(
                 }
             }
         }));
-        let (out_r, lat_r, ok_r, err_r) = (
-            outstanding.clone(),
-            lat.clone(),
-            ok.clone(),
-            errors.clone(),
-        );
+        let (out_r, lat_r, ok_r, err_r) =
+            (outstanding.clone(), lat.clone(), ok.clone(), errors.clone());
         tasks.push(tokio::spawn(async move {
             while let Some(Ok(m)) = stream.next().await {
                 let Message::Text(t) = m else { continue };

@@ -70,6 +70,7 @@ pub struct Row {
 }
 
 pub const NATTER_WS: &str = "natter-ws";
+pub const NATTER_GRPC: &str = "natter-grpc";
 pub const ETCD: &str = "etcd";
 pub const NATS_ALWAYS: &str = "nats-always";
 pub const NATS_DEFAULT: &str = "nats-default";
@@ -77,6 +78,7 @@ pub const NATS_DEFAULT: &str = "nats-default";
 fn label(system: &str) -> &'static str {
     match system {
         NATTER_WS => "Natter send via router, WebSocket JSON v1 (fsync on majority, group commit)",
+        NATTER_GRPC => "Natter send via router, gRPC (natter.client.Natter/Send; fsync on majority, group commit)",
         ETCD => "etcd put (fsync per commit, batched)",
         NATS_ALWAYS => "NATS JetStream R3 publish, sync_interval: always (fsync before ack)",
         NATS_DEFAULT => "NATS JetStream R3 publish, default: acks WITHOUT fsync — NOT DURABLE",
@@ -96,7 +98,7 @@ struct Systems {
 
 impl Systems {
     fn names(&self) -> Vec<&'static str> {
-        let mut v = vec![NATTER_WS];
+        let mut v = vec![NATTER_WS, NATTER_GRPC];
         if self.etcd.is_some() {
             v.push(ETCD);
         }
@@ -111,10 +113,18 @@ impl Systems {
 
     fn pids(&self, system: &str) -> Vec<u32> {
         match system {
-            NATTER_WS => self.natter.pids(),
+            NATTER_WS | NATTER_GRPC => self.natter.pids(),
             ETCD => self.etcd.as_ref().map(|e| e.pids()).unwrap_or_default(),
-            NATS_ALWAYS => self.nats_always.as_ref().map(|e| e.pids()).unwrap_or_default(),
-            NATS_DEFAULT => self.nats_default.as_ref().map(|e| e.pids()).unwrap_or_default(),
+            NATS_ALWAYS => self
+                .nats_always
+                .as_ref()
+                .map(|e| e.pids())
+                .unwrap_or_default(),
+            NATS_DEFAULT => self
+                .nats_default
+                .as_ref()
+                .map(|e| e.pids())
+                .unwrap_or_default(),
             _ => vec![],
         }
     }
@@ -132,6 +142,12 @@ impl Systems {
                     .await?,
                     conversation: self.convs[w % self.convs.len()].clone(),
                     prefix: format!("c{count}-w{w}-{}", &natter_tests::natter::uuid()[..8]),
+                },
+                NATTER_GRPC => Worker::NatterGrpc {
+                    api: natter_tests::grpc::api(self.natter.router(0)).await?,
+                    token: self.sender.token.clone(),
+                    conversation: self.convs[w % self.convs.len()].clone(),
+                    prefix: format!("g{count}-w{w}-{}", &natter_tests::natter::uuid()[..8]),
                 },
                 ETCD => {
                     let e = self.etcd.as_ref().context("etcd not started")?;
@@ -177,10 +193,7 @@ pub async fn run(o: &Opts) -> Result<()> {
     eprintln!("fsync floor: p50 {f50} µs, p99 {f99} µs");
 
     let mut versions = serde_json::Map::new();
-    versions.insert(
-        "natter".into(),
-        json!(format!("git {}", sys::git_rev())),
-    );
+    versions.insert("natter".into(), json!(format!("git {}", sys::git_rev())));
     let (etcd_bin, nats_bin) = if o.no_peers {
         (None, None)
     } else {
@@ -207,7 +220,11 @@ pub async fn run(o: &Opts) -> Result<()> {
     let sender = natter.user().await?;
     let mut convs = Vec::new();
     for i in 0..64u32 {
-        convs.push(natter.group_on(1 + i % natter.cluster.shards, &sender, &[]).await?);
+        convs.push(
+            natter
+                .group_on(1 + i % natter.cluster.shards, &sender, &[])
+                .await?,
+        );
     }
     let (mut etcd, mut nats_always, mut nats_default) = (None, None, None);
     if let (Some(e), Some(n)) = (&etcd_bin, &nats_bin) {
@@ -360,7 +377,6 @@ pub async fn run(o: &Opts) -> Result<()> {
         "rows": rows,
         "natter_only": extra,
         "peers_skipped": o.no_peers,
-        "grpc_row": "not measured: the router's gRPC API is not on main yet",
         "total_secs": started.elapsed().as_secs_f64(),
     });
     let md = markdown(&result);
@@ -372,7 +388,10 @@ pub async fn run(o: &Opts) -> Result<()> {
         o.out_dir,
         if o.quick { "quick-" } else { "" }
     );
-    std::fs::write(format!("{base}.json"), serde_json::to_string_pretty(&result)?)?;
+    std::fs::write(
+        format!("{base}.json"),
+        serde_json::to_string_pretty(&result)?,
+    )?;
     std::fs::write(format!("{base}.md"), &md)?;
     eprintln!("results written to {base}.json and {base}.md");
     Ok(())
@@ -385,7 +404,10 @@ fn f(v: &Value) -> f64 {
 fn n0(x: f64) -> String {
     let s = format!("{:.0}", x);
     // thousands separators
-    let (neg, d) = s.strip_prefix('-').map(|d| (true, d)).unwrap_or((false, &s));
+    let (neg, d) = s
+        .strip_prefix('-')
+        .map(|d| (true, d))
+        .unwrap_or((false, &s));
     let mut out = String::new();
     for (i, ch) in d.chars().enumerate() {
         if i > 0 && (d.len() - i) % 3 == 0 {
@@ -450,43 +472,47 @@ pub fn markdown(r: &Value) -> String {
             n0(f(&row["p99_us"])),
             n0(f(&row["p999_us"])),
             f(&row["cpu_secs"]),
-            if ops > 0.0 { f(&row["cpu_secs"]) * 1e6 / ops } else { 0.0 },
+            if ops > 0.0 {
+                f(&row["cpu_secs"]) * 1e6 / ops
+            } else {
+                0.0
+            },
             f(&row["load_avg"]),
             row["errors"]
         );
     }
-    let _ = writeln!(
-        s,
-        "\nThe gRPC row is missing: {}.\n",
-        r["grpc_row"].as_str().unwrap_or("")
-    );
+    let _ = writeln!(s);
     let get = |sys: &str, c: &Value| {
         rows.iter()
             .find(|x| x["system"] == sys && x["concurrency"] == *c)
             .cloned()
     };
-    let _ = writeln!(s, "Ratios (Natter WebSocket row / peer; ops/s: higher is better for Natter, p50: lower is better):\n");
-    let _ = writeln!(s, "| clients | Natter/etcd ops/s | Natter/etcd p50 | Natter/NATS-always ops/s | Natter/NATS-always p50 | Natter/NATS-default ops/s | Natter/NATS-default p50 |");
-    let _ = writeln!(s, "|---|---|---|---|---|---|---|");
+    let _ = writeln!(s, "Ratios (Natter / peer; ops/s: above 1 means Natter is faster; p50: below 1 means Natter is faster):\n");
+    let _ = writeln!(s, "| Natter row | clients | Natter/etcd ops/s | Natter/etcd p50 | Natter/NATS-always ops/s | Natter/NATS-always p50 | Natter/NATS-default ops/s | Natter/NATS-default p50 |");
+    let _ = writeln!(s, "|---|---|---|---|---|---|---|---|");
     let mut cs: Vec<Value> = rows.iter().map(|x| x["concurrency"].clone()).collect();
     cs.dedup();
-    for c in &cs {
-        let Some(nat) = get(NATTER_WS, c) else { continue };
-        let mut line = format!("| {c} |");
-        for peer in [ETCD, NATS_ALWAYS, NATS_DEFAULT] {
-            match get(peer, c) {
-                Some(p) => {
-                    let _ = write!(
-                        line,
-                        " {:.2} | {:.2} |",
-                        f(&nat["ops_per_sec"]) / f(&p["ops_per_sec"]).max(1e-9),
-                        f(&nat["p50_us"]) / f(&p["p50_us"]).max(1e-9)
-                    );
+    for (natter_sys, natter_label) in [(NATTER_WS, "WebSocket"), (NATTER_GRPC, "gRPC")] {
+        for c in &cs {
+            let Some(nat) = get(natter_sys, c) else {
+                continue;
+            };
+            let mut line = format!("| {natter_label} | {c} |");
+            for peer in [ETCD, NATS_ALWAYS, NATS_DEFAULT] {
+                match get(peer, c) {
+                    Some(p) => {
+                        let _ = write!(
+                            line,
+                            " {:.2} | {:.2} |",
+                            f(&nat["ops_per_sec"]) / f(&p["ops_per_sec"]).max(1e-9),
+                            f(&nat["p50_us"]) / f(&p["p50_us"]).max(1e-9)
+                        );
+                    }
+                    None => line.push_str(" skipped | skipped |"),
                 }
-                None => line.push_str(" skipped | skipped |"),
             }
+            let _ = writeln!(s, "{line}");
         }
-        let _ = writeln!(s, "{line}");
     }
     let x = &r["natter_only"];
     let _ = writeln!(s, "\nNatter only:\n");
@@ -499,7 +525,10 @@ pub fn markdown(r: &Value) -> String {
         n0(f(&su["target_rate"])), f(&su["secs"]), n0(f(&su["achieved_rate"])), su["ok"], su["skipped_backlogged"], su["errors"],
         n0(f(&su["p50_us"])), n0(f(&su["p99_us"])), n0(f(&su["p999_us"]))
     );
-    for (k, l) in [("same_router", "one router"), ("across_routers", "across two routers")] {
+    for (k, l) in [
+        ("same_router", "one router"),
+        ("across_routers", "across two routers"),
+    ] {
         let e = &x["e2e"][k];
         let _ = writeln!(
             s,
@@ -508,7 +537,10 @@ pub fn markdown(r: &Value) -> String {
         );
     }
     if let Some(obj) = x.as_object() {
-        let mut gs: Vec<(&String, &Value)> = obj.iter().filter(|(k, _)| k.starts_with("group_")).collect();
+        let mut gs: Vec<(&String, &Value)> = obj
+            .iter()
+            .filter(|(k, _)| k.starts_with("group_"))
+            .collect();
         gs.sort_by_key(|(_, v)| v["members"].as_u64().unwrap_or(0));
         for (_, g) in gs {
             let _ = writeln!(

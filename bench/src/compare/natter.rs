@@ -85,7 +85,11 @@ impl NatterSys {
     }
 
     pub fn node_pids(&self) -> Vec<u32> {
-        self.cluster.nodes.values().filter_map(|n| n.pid()).collect()
+        self.cluster
+            .nodes
+            .values()
+            .filter_map(|n| n.pid())
+            .collect()
     }
 
     /// A new user and a session for it (see the module note).
@@ -298,8 +302,10 @@ pub async fn group(s: &NatterSys, size: usize, msgs: usize) -> Result<Value> {
     let mut sender = Client::connect(s.router(0), &us[0].token).await?;
     let receivers = connect_all(&[s.router(0), s.router(1)], &us[1..], 64).await?;
     let (median, last, _) = deliver(&mut sender, receivers, &conv, msgs).await?;
-    Ok(json!({"members": size, "messages": msgs, "setup_secs": setup_users,
-              "to_median_member": stats(median), "to_last_member": stats(last)}))
+    Ok(
+        json!({"members": size, "messages": msgs, "setup_secs": setup_users,
+              "to_median_member": stats(median), "to_last_member": stats(last)}),
+    )
 }
 
 /// Idle WebSocket connections on router 2 (each authenticated and resumed,
@@ -358,8 +364,13 @@ pub async fn sync_and_storage(s: &NatterSys, history: u64, reads: usize) -> Resu
         .sum();
     let rss_before: u64 = s.node_pids().iter().map(|p| rss_kib(*p)).sum();
     let t = Instant::now();
-    let rows = crate::sync_rows(&s.n, s.cluster.shards, &[("small", 100), ("large", history)], reads)
-        .await?;
+    let rows = crate::sync_rows(
+        &s.n,
+        s.cluster.shards,
+        &[("small", 100), ("large", history)],
+        reads,
+    )
+    .await?;
     let fill_secs = t.elapsed().as_secs_f64();
     // Let memtables and compactions settle a little.
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -384,7 +395,10 @@ pub async fn sync_and_storage(s: &NatterSys, history: u64, reads: usize) -> Resu
     }))
 }
 
-fn group_status(st: &natter_proto::cluster::StatusReply, g: u32) -> Option<&natter_proto::cluster::GroupStatus> {
+fn group_status(
+    st: &natter_proto::cluster::StatusReply,
+    g: u32,
+) -> Option<&natter_proto::cluster::GroupStatus> {
     st.groups.iter().find(|x| x.group == g)
 }
 
@@ -397,8 +411,11 @@ pub async fn failover_and_catch_up(s: &mut NatterSys, writes: u64) -> Result<Val
     let conv = s.group_on(shard, &u, &[]).await?;
     let mut c = Client::connect(s.router(0), &u.token).await?;
     for i in 0..5 {
-        c.call("send", json!({"conversation_id": conv, "client_msg_id": format!("w{i}"), "text": "warm"}))
-            .await?;
+        c.call(
+            "send",
+            json!({"conversation_id": conv, "client_msg_id": format!("w{i}"), "text": "warm"}),
+        )
+        .await?;
     }
     let first = s.cluster.ids()[0];
     let leader = s
@@ -440,7 +457,8 @@ pub async fn failover_and_catch_up(s: &mut NatterSys, writes: u64) -> Result<Val
             async move {
                 let mut k = w;
                 while k < writes {
-                    n.send(&conv, &uid, &format!("down-{k}"), &"y".repeat(200)).await?;
+                    n.send(&conv, &uid, &format!("down-{k}"), &"y".repeat(200))
+                        .await?;
                     k += par;
                 }
                 anyhow::Ok(())
@@ -450,7 +468,12 @@ pub async fn failover_and_catch_up(s: &mut NatterSys, writes: u64) -> Result<Val
     for r in futures::future::join_all(fs).await {
         r?;
     }
-    let others: Vec<u64> = s.cluster.ids().into_iter().filter(|x| *x != leader).collect();
+    let others: Vec<u64> = s
+        .cluster
+        .ids()
+        .into_iter()
+        .filter(|x| *x != leader)
+        .collect();
     let mut target = 0;
     for o in &others {
         if let Ok(st) = s.cluster.status(*o).await {

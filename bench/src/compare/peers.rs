@@ -65,7 +65,9 @@ where
     Resp: prost::Message + Default + Send + Sync + 'static,
 {
     let mut g = tonic::client::Grpc::new(ch);
-    g.ready().await.map_err(|e| anyhow!("etcd not ready: {e}"))?;
+    g.ready()
+        .await
+        .map_err(|e| anyhow!("etcd not ready: {e}"))?;
     let codec = tonic_prost::ProstCodec::<Req, Resp>::default();
     let r = g
         .unary(
