@@ -339,28 +339,36 @@ pub async fn run(o: &Opts) -> Result<()> {
         );
     }
     eprintln!("== end-to-end delivery");
-    extra.insert("e2e".into(), natter::e2e(&n, o.e2e_msgs).await?);
+    // A figure that fails is recorded as an error; the run goes on.
+    let or_error = |r: Result<Value>| match r {
+        Ok(v) => v,
+        Err(e) => {
+            eprintln!("figure failed: {e:#}");
+            json!({"error": format!("{e:#}")})
+        }
+    };
+    extra.insert("e2e".into(), or_error(natter::e2e(&n, o.e2e_msgs).await));
     for &g in &o.groups {
         eprintln!("== group of {g}");
         extra.insert(
             format!("group_{g}"),
-            natter::group(&n, g, if o.quick { 2 } else { 5 }).await?,
+            or_error(natter::group(&n, g, if o.quick { 2 } else { 5 }).await),
         );
     }
     eprintln!("== {} idle connections", o.idle_conns);
     extra.insert(
         "idle_connections".into(),
-        natter::idle_connections(&n, o.idle_conns).await?,
+        or_error(natter::idle_connections(&n, o.idle_conns).await),
     );
     eprintln!("== delta sync vs history ({} messages)", o.history);
     extra.insert(
         "sync".into(),
-        natter::sync_and_storage(&n, o.history, o.reads).await?,
+        or_error(natter::sync_and_storage(&n, o.history, o.reads).await),
     );
     eprintln!("== failover and catch-up");
     extra.insert(
         "failover".into(),
-        natter::failover_and_catch_up(&mut n, o.catch_up_writes).await?,
+        or_error(natter::failover_and_catch_up(&mut n, o.catch_up_writes).await),
     );
     drop(n);
 
@@ -584,6 +592,13 @@ pub fn markdown(r: &Value) -> String {
         fo["entries_to_catch_up"], n0(f(&fo["catch_up_entries_per_sec"])), f(&fo["catch_up_secs_from_spawn"]),
         n0(f(&fo["catch_up_entries_per_sec_incl_start"]))
     );
+    if let Some(obj) = x.as_object() {
+        for (k, v) in obj {
+            if let Some(e) = v["error"].as_str() {
+                let _ = writeln!(s, "| {k}: FAILED | {e} |");
+            }
+        }
+    }
     let _ = writeln!(s, "\nTotal run time: {:.0} s.", f(&r["total_secs"]));
     s
 }
