@@ -8,6 +8,8 @@
 //! shard leaders directly through the nodes' data API (the router adds its
 //! own hop; it is measured separately once it exists).
 
+mod compare;
+
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
@@ -20,12 +22,14 @@ use serde::Serialize;
 #[derive(Parser)]
 #[command(about = "Natter benchmarks")]
 struct Args {
-    /// Which benchmark: "storage" or "sync".
+    /// Which benchmark: "storage", "sync" or "compare" (Natter side by side
+    /// with etcd and NATS JetStream, plus the Natter-only figures).
     #[arg(default_value = "storage")]
     which: String,
-    /// sync: messages of history in the large conversation.
-    #[arg(long, default_value_t = 1_000_000)]
-    history: u64,
+    /// sync: messages of history in the large conversation (sync: 1,000,000;
+    /// compare: 100,000, quick: 1,000).
+    #[arg(long)]
+    history: Option<u64>,
     /// sync: reads timed per row.
     #[arg(long, default_value_t = 300)]
     reads: usize,
@@ -43,9 +47,39 @@ struct Args {
     /// conversation that does not exist): the bare cost of a Raft round.
     #[arg(long, default_value = "send")]
     op: String,
+    /// storage: sync modes to run, comma-separated (`unsafe-no-wal`, the
+    /// fault-injection suite's negative control, isolates the fsync's share
+    /// of a write's latency).
+    #[arg(long, default_value = "group-commit,per-write")]
+    modes: String,
     /// Where to write the JSON results.
     #[arg(long, default_value = "bench/results/storage.json")]
     out: String,
+    /// compare: a couple of seconds per row, small counts, a 2 s sustained
+    /// run, a 1,000-message history (the harness's own test).
+    #[arg(long)]
+    quick: bool,
+    /// compare: interleaved passes over the systems per concurrency level.
+    #[arg(long, default_value_t = 2)]
+    passes: usize,
+    /// compare: idle WebSocket connections opened on one router.
+    #[arg(long)]
+    idle_conns: Option<usize>,
+    /// compare: group sizes for the delivery-to-every-member figure.
+    #[arg(long)]
+    groups: Option<String>,
+    /// compare: open-loop rate (messages/s) of the sustained run.
+    #[arg(long, default_value_t = 11_600.0)]
+    sustained_rate: f64,
+    /// compare: seconds of the sustained run.
+    #[arg(long)]
+    sustained_secs: Option<f64>,
+    /// compare: run Natter's rows only (no etcd, no NATS).
+    #[arg(long)]
+    no_peers: bool,
+    /// compare: directory for the markdown and JSON results.
+    #[arg(long, default_value = "bench/results")]
+    out_dir: String,
 }
 
 #[derive(Serialize, Debug, Clone)]
@@ -179,7 +213,7 @@ async fn storage(args: &Args) -> Result<()> {
         .collect::<Result<_, _>>()?;
     let mut rows = Vec::new();
     let mut idle = None;
-    for mode in ["group-commit", "per-write"] {
+    for mode in args.modes.split(',').map(str::trim) {
         let opts = ClusterOpts {
             nodes: 3,
             shards: 8,
@@ -336,21 +370,21 @@ fn dir_bytes(dir: &std::path::Path) -> u64 {
         .unwrap_or(0)
 }
 
-async fn sync(args: &Args) -> Result<()> {
+/// Delta-sync and cold-start rows for conversations of the given sizes
+/// (each filled first), read `reads` times each through the shard leader.
+pub async fn sync_rows(
+    n: &Natter,
+    shards: u32,
+    sizes: &[(&str, u64)],
+    reads: usize,
+) -> Result<Vec<serde_json::Value>> {
     use natter_model::pb;
-    let c = Cluster::start(ClusterOpts {
-        nodes: 3,
-        shards: 8,
-        node_args: vec![],
-    })
-    .await?;
-    let n = Natter::new(ShardClient::new(c.addrs()), c.shards);
     let mut table = Vec::new();
-    for (label, size) in [("small", 100u64), ("large", args.history)] {
+    for (label, size) in sizes {
         let conv = n
-            .create_group_on(1 + (table.len() as u32 % c.shards), ALICE, &[])
+            .create_group_on(1 + (table.len() as u32 % shards), ALICE, &[])
             .await?;
-        fill(&n, &conv, size).await?;
+        fill(n, &conv, *size).await?;
         let sync_q = |token| {
             pb::query::Q::SyncConversation(pb::SyncConversation {
                 viewer_id: ALICE.into(),
@@ -367,8 +401,8 @@ async fn sync(args: &Args) -> Result<()> {
             n.send(&conv, ALICE, &format!("new-{i}"), "a new message")
                 .await?;
         }
-        let (d50, d99, dn) = time_query(&n, args.reads, sync_q(token)).await?;
-        let (c50, c99, cn) = time_query(&n, args.reads, sync_q(0)).await?;
+        let (d50, d99, dn) = time_query(n, reads, sync_q(token)).await?;
+        let (c50, c99, cn) = time_query(n, reads, sync_q(0)).await?;
         if dn != 10 {
             bail!("delta sync returned {dn} messages, expected the 10 new ones");
         }
@@ -378,6 +412,25 @@ async fn sync(args: &Args) -> Result<()> {
             "cold_start_page_p50_us": c50, "cold_start_page_p99_us": c99, "cold_start_page_changes": cn,
         }));
     }
+    Ok(table)
+}
+
+async fn sync(args: &Args) -> Result<()> {
+    let history = args.history.unwrap_or(1_000_000);
+    let c = Cluster::start(ClusterOpts {
+        nodes: 3,
+        shards: 8,
+        node_args: vec![],
+    })
+    .await?;
+    let n = Natter::new(ShardClient::new(c.addrs()), c.shards);
+    let table = sync_rows(
+        &n,
+        c.shards,
+        &[("small", 100), ("large", history)],
+        args.reads,
+    )
+    .await?;
     let disk: u64 = c.nodes.values().map(|node| dir_bytes(&node.data_dir)).sum();
     let rss: u64 = c
         .nodes
@@ -398,7 +451,7 @@ async fn sync(args: &Args) -> Result<()> {
             r["cold_start_page_p99_us"]
         );
     }
-    let total_msgs = 100 + args.history + 20;
+    let total_msgs = 100 + history + 20;
     println!(
         "disk (3 nodes, top-level files): {:.1} MiB; per million messages per node: {:.0} MiB; node RSS avg {:.0} MiB",
         disk as f64 / 1048576.0,
@@ -417,12 +470,54 @@ async fn sync(args: &Args) -> Result<()> {
     Ok(())
 }
 
+async fn compare(args: &Args) -> Result<()> {
+    let q = args.quick;
+    let list = |s: &str| -> Result<Vec<usize>> {
+        Ok(s.split(',')
+            .map(|w| w.trim().parse())
+            .collect::<Result<_, _>>()?)
+    };
+    let command: Vec<String> = std::env::args().collect();
+    let o = compare::Opts {
+        quick: q,
+        secs: if q { 1.0 } else { args.secs },
+        passes: if q { 1 } else { args.passes.max(1) },
+        concurrency: list(&args.writers)?,
+        history: args.history.unwrap_or(if q { 1_000 } else { 100_000 }),
+        reads: if q { 20 } else { args.reads },
+        idle_conns: args.idle_conns.unwrap_or(if q { 200 } else { 10_000 }),
+        groups: list(
+            args.groups
+                .as_deref()
+                .unwrap_or(if q { "10,50" } else { "100,1000" }),
+        )?,
+        e2e_msgs: if q { 20 } else { 300 },
+        sustained_rate: if q { 300.0 } else { args.sustained_rate },
+        sustained_secs: args.sustained_secs.unwrap_or(if q { 2.0 } else { 60.0 }),
+        catch_up_writes: if q { 300 } else { 20_000 },
+        no_peers: args.no_peers,
+        out_dir: args.out_dir.clone(),
+        command: format!(
+            "natter-bench {}",
+            command.get(1..).map(|a| a.join(" ")).unwrap_or_default()
+        ),
+    };
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    // Dropping the run (on Ctrl-C / SIGTERM) stops every process it started.
+    tokio::select! {
+        r = compare::run(&o) => r,
+        _ = tokio::signal::ctrl_c() => bail!("interrupted: every process started was stopped"),
+        _ = term.recv() => bail!("terminated: every process started was stopped"),
+    }
+}
+
 #[tokio::main]
 async fn main() -> Result<()> {
     let args = Args::parse();
     match args.which.as_str() {
         "storage" => storage(&args).await,
         "sync" => sync(&args).await,
+        "compare" | "all" => compare(&args).await,
         other => bail!("unknown benchmark {other:?}"),
     }
 }
