@@ -42,6 +42,8 @@ pub fn routes(state: Arc<AppState>) -> axum::Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .merge(crate::media::routes())
+        .fallback(crate::web::service(state.config.web_dir.as_deref()))
         .with_state(state)
 }
 

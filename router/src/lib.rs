@@ -15,6 +15,8 @@
 //! * [`conn`] — bounded outgoing queue and close signal of a connection.
 //! * [`ws`] — one WebSocket connection: frames, errors, limits.
 //! * [`http`] — the HTTP endpoints.
+//! * [`media`] — media upload/download, thumbnails, signed URLs.
+//! * [`web`] — the web client's static files at `/`.
 
 pub mod auth;
 pub mod cluster;
@@ -23,8 +25,10 @@ pub mod conn;
 pub mod error;
 pub mod http;
 pub mod json;
+pub mod media;
 pub mod ops;
 pub mod push;
+pub mod web;
 pub mod ws;
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -58,6 +62,8 @@ pub struct AppState {
 pub enum ServeError {
     #[error("setting up accounts: {0}")]
     Accounts(#[from] error::ApiError),
+    #[error("setting up media: {0}")]
+    Media(#[from] media::MediaError),
     #[error("serving HTTP: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -70,6 +76,7 @@ pub async fn serve(
     listener: tokio::net::TcpListener,
     stop: CancellationToken,
 ) -> Result<(), ServeError> {
+    media::install(&config.media)?;
     let cluster = Cluster::new(config.nodes.clone());
     let accounts = Accounts::new(
         cluster.clone(),

@@ -21,6 +21,7 @@ use natter_proto::cluster::{
 use tonic::transport::Channel;
 
 pub mod natter;
+pub mod media;
 pub mod router;
 
 /// Directory holding the workspace's binaries.
