@@ -183,7 +183,10 @@ impl Media {
                 let s3 = object_store::aws::AmazonS3Builder::from_env()
                     .with_url(url.clone())
                     .build()?;
-                (Arc::new(s3), std::env::temp_dir().join("natter-media-spool"))
+                (
+                    Arc::new(s3),
+                    std::env::temp_dir().join("natter-media-spool"),
+                )
             }
             Some(other) if other != "file" && !other.is_empty() => {
                 return Err(MediaError::Store(format!(
@@ -316,7 +319,8 @@ pub async fn resolve_items(conv: &str, items: Vec<MediaIn>) -> Result<Vec<pb::Me
     if items.is_empty() {
         return Ok(Vec::new());
     }
-    let media = installed().ok_or_else(|| ApiError::Unavailable("media is not configured".into()))?;
+    let media =
+        installed().ok_or_else(|| ApiError::Unavailable("media is not configured".into()))?;
     let mut out = Vec::with_capacity(items.len());
     for m in items {
         let missing = || ApiError::Model {
@@ -351,10 +355,7 @@ pub async fn resolve_items(conv: &str, items: Vec<MediaIn>) -> Result<Vec<pb::Me
 /// The media endpoints (merged into `http::routes`).
 pub fn routes() -> axum::Router<Arc<AppState>> {
     axum::Router::new()
-        .route(
-            "/v1/media",
-            post(upload).layer(DefaultBodyLimit::disable()),
-        )
+        .route("/v1/media", post(upload).layer(DefaultBodyLimit::disable()))
         .route("/v1/media/{conversation_id}/{object_id}", get(download))
 }
 
@@ -447,7 +448,8 @@ async fn upload(
     query: Result<Query<HashMap<String, String>>, QueryRejection>,
     body: Body,
 ) -> Result<Response, MediaError> {
-    let media = installed().ok_or_else(|| ApiError::Unavailable("media is not configured".into()))?;
+    let media =
+        installed().ok_or_else(|| ApiError::Unavailable("media is not configured".into()))?;
     let q = query_map(query)?;
     let conv = q
         .get("conversation_id")
@@ -703,7 +705,8 @@ async fn download(
     headers: HeaderMap,
     query: Result<Query<HashMap<String, String>>, QueryRejection>,
 ) -> Result<Response, MediaError> {
-    let media = installed().ok_or_else(|| ApiError::Unavailable("media is not configured".into()))?;
+    let media =
+        installed().ok_or_else(|| ApiError::Unavailable("media is not configured".into()))?;
     let q = query_map(query)?;
     let thumb = match q.get("thumb").map(String::as_str) {
         None | Some("0") | Some("") => false,

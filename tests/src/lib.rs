@@ -20,8 +20,8 @@ use natter_proto::cluster::{
 };
 use tonic::transport::Channel;
 
-pub mod natter;
 pub mod media;
+pub mod natter;
 pub mod router;
 
 /// Directory holding the workspace's binaries.

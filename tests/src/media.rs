@@ -77,7 +77,8 @@ pub async fn request(
                     Body::Bytes(b) => wr.write_all(b).await?,
                     Body::Chunked(b, n) => {
                         for c in b.chunks(n.max(1)) {
-                            wr.write_all(format!("{:x}\r\n", c.len()).as_bytes()).await?;
+                            wr.write_all(format!("{:x}\r\n", c.len()).as_bytes())
+                                .await?;
                             wr.write_all(c).await?;
                             wr.write_all(b"\r\n").await?;
                         }

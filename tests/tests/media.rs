@@ -116,12 +116,22 @@ async fn media_upload_download_thumbnails_and_access() {
     let sha = sha256_hex(&img);
     assert_eq!(s(&v["object_id"]), sha);
     assert_eq!(s(&v["sha256"]), sha);
-    assert_eq!(s(&v["content_type"]), "image/png", "sniffed, not the header");
+    assert_eq!(
+        s(&v["content_type"]),
+        "image/png",
+        "sniffed, not the header"
+    );
     assert_eq!(v["size"], json!(img.len()));
-    assert_eq!((v["width"].clone(), v["height"].clone()), (json!(800), json!(600)));
+    assert_eq!(
+        (v["width"].clone(), v["height"].clone()),
+        (json!(800), json!(600))
+    );
     let url = s(&v["url"]);
     let thumb_url = s(&v["thumbnail_url"]);
-    assert!(url.starts_with(&format!("/v1/media/{conv}/{sha}?")), "{url}");
+    assert!(
+        url.starts_with(&format!("/v1/media/{conv}/{sha}?")),
+        "{url}"
+    );
 
     // --- Download by signed URL: bytes, headers -------------------------
     let d = get(&w, &url, &[]).await;
@@ -200,12 +210,23 @@ async fn media_upload_download_thumbnails_and_access() {
     assert_eq!(none.status, 401);
 
     // --- Forged, altered and expired signatures -------------------------
-    let forged = format!("/v1/media/{conv}/{sha}?exp=99999999999&sig={}", "ab".repeat(32));
+    let forged = format!(
+        "/v1/media/{conv}/{sha}?exp=99999999999&sig={}",
+        "ab".repeat(32)
+    );
     assert_eq!(get(&w, &forged, &[]).await.status, 401);
     let swapped = url.replace(&format!("/{sha}?"), &format!("/{}?", sha256_hex(&text)));
-    assert_eq!(get(&w, &swapped, &[]).await.status, 401, "sig binds the object");
+    assert_eq!(
+        get(&w, &swapped, &[]).await.status,
+        401,
+        "sig binds the object"
+    );
     let as_thumb = url.replace('?', "?thumb=1&");
-    assert_eq!(get(&w, &as_thumb, &[]).await.status, 401, "sig binds the variant");
+    assert_eq!(
+        get(&w, &as_thumb, &[]).await.status,
+        401,
+        "sig binds the variant"
+    );
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -280,7 +301,10 @@ async fn media_upload_download_thumbnails_and_access() {
         .is_some_and(|m| m.contains("not uploaded")));
     // A group alice is in, without the image: referencing it there fails.
     let g = w.clients[0]
-        .call("create_group", json!({"name": "g", "member_ids": [w.ids[1]]}))
+        .call(
+            "create_group",
+            json!({"name": "g", "member_ids": [w.ids[1]]}),
+        )
         .await
         .expect("group");
     let gid = s(&g["conversation"]["id"]);
@@ -336,7 +360,10 @@ async fn media_upload_download_thumbnails_and_access() {
         .expect("message");
     let item = &got["media"][0];
     assert_eq!(s(&item["object_id"]), sha);
-    assert_eq!((item["width"].clone(), item["height"].clone()), (json!(800), json!(600)));
+    assert_eq!(
+        (item["width"].clone(), item["height"].clone()),
+        (json!(800), json!(600))
+    );
     let (u, tu) = (s(&item["url"]), s(&item["thumbnail_url"]));
     let d = get(&w, &u, &[]).await;
     assert_eq!(d.status, 200);
