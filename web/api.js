@@ -267,7 +267,7 @@ export class Session extends EventTarget {
     return r.messages.length;
   }
 
-  async username(userId) {
+  async nameOf(userId) {
     if (userId === this.userId) return this.username;
     const known = this.users.get(userId);
     if (known) return known;

@@ -176,7 +176,7 @@ function entryTitle(e) {
 function ensureNames(ids) {
   const missing = ids.filter((id) => id && !S.users.has(id));
   if (!missing.length || !S.online) return;
-  Promise.all(missing.map((id) => S.username(id))).then(() => { renderFeed(); if (current) renderConversation(); });
+  Promise.all(missing.map((id) => S.nameOf(id))).then(() => { renderFeed(); if (current) renderConversation(); });
 }
 
 function renderFeed() {
@@ -487,7 +487,7 @@ async function refreshFriends() {
   try {
     const r = await S.request('list_friends', { limit: 500 });
     friendsCache = r.friends;
-    await Promise.all(friendsCache.map((f) => S.username(f.user_id)));
+    await Promise.all(friendsCache.map((f) => S.nameOf(f.user_id)));
     const incoming = friendsCache.filter((f) => f.relation === 'incoming').length;
     ui.friendsDot.textContent = incoming || '';
     ui.friendsDot.classList.toggle('hidden', !incoming);
