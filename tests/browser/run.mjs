@@ -235,7 +235,8 @@ async function scenario(browser, url, label, viewport) {
   }
   await snap('offline');
   await cb.setOffline(false);
-  await expectVisible(b.locator('[data-testid=status][data-state=online]'), 'ben reconnects');
+  // Online: the status bar is hidden again.
+  await b.locator('[data-testid=status][data-state=online]').waitFor({ state: 'attached', timeout: STEP_MS });
   await b.locator('[data-testid=msg][data-status=failed]').getByTestId('retry').click();
   await expectVisible(b.locator('[data-testid=msg][data-status=sent]').filter({ hasText: 'sent while offline' }), 'retry shows sent');
   await openChat(a, 'Trip 2026');
