@@ -358,7 +358,13 @@ function messageMenu(m, mine, anchor) {
     mine || S.conv(m.conversation_id).meta?.my_role === 'admin'
       ? h('button', { 'data-testid': 'delete-for-everyone', onclick: del(true) }, 'Delete for everyone') : null,
     m.text ? h('button', { onclick: () => { navigator.clipboard?.writeText(m.text); menu.remove(); } }, 'Copy text') : null);
-  anchor.append(menu);
+  // On <body>, so re-rendering the messages (a push) doesn't close it.
+  const r = anchor.getBoundingClientRect();
+  menu.style.position = 'fixed';
+  menu.style.top = `${Math.min(r.top + 26, window.innerHeight - 140)}px`;
+  if (mine) menu.style.right = `${Math.max(8, window.innerWidth - r.right)}px`;
+  else menu.style.left = `${Math.max(8, r.left)}px`;
+  document.body.append(menu);
   setTimeout(() => document.addEventListener('click', () => menu.remove(), { once: true }), 0);
 }
 
