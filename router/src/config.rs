@@ -108,6 +108,24 @@ pub struct Flags {
     /// Longest lockout window, in seconds.
     #[arg(long, env = "NATTER_ROUTER_LOGIN_LOCKOUT_MAX_SECS")]
     pub login_lockout_max_secs: Option<u64>,
+    /// Media: directory of the local object store (default ./natter-media).
+    #[arg(long, env = "NATTER_ROUTER_MEDIA_DIR")]
+    pub media_dir: Option<PathBuf>,
+    /// Media: "file" (default, under --media-dir) or s3://bucket[/prefix]
+    /// (S3-compatible; credentials and endpoint from AWS_* env vars).
+    #[arg(long, env = "NATTER_ROUTER_MEDIA_STORE")]
+    pub media_store: Option<String>,
+    /// Media: HMAC key of signed media URLs, the same on every router
+    /// (also NATTER_MEDIA_SECRET); unset: a random per-process key.
+    #[arg(long, env = "NATTER_ROUTER_MEDIA_SECRET", hide_env_values = true)]
+    pub media_secret: Option<String>,
+    /// Media: largest upload in bytes (default 25 MiB).
+    #[arg(long, env = "NATTER_ROUTER_MAX_UPLOAD_BYTES")]
+    pub max_upload_bytes: Option<u64>,
+    /// Directory of the web client served at `/` (default: the repo's web/
+    /// when it exists).
+    #[arg(long, env = "NATTER_ROUTER_WEB_DIR")]
+    pub web_dir: Option<PathBuf>,
 }
 
 /// The TOML file's shape: the same names as the flags, in snake_case.
@@ -139,6 +157,11 @@ pub struct FileConfig {
     pub login_lockout_after_ip: Option<u32>,
     pub login_lockout_base_ms: Option<u64>,
     pub login_lockout_max_secs: Option<u64>,
+    pub media_dir: Option<PathBuf>,
+    pub media_store: Option<String>,
+    pub media_secret: Option<String>,
+    pub max_upload_bytes: Option<u64>,
+    pub web_dir: Option<PathBuf>,
 }
 
 /// The resolved configuration.
@@ -156,6 +179,9 @@ pub struct Config {
     pub log_json: bool,
     pub regions: Regions,
     pub limits: LimitsConfig,
+    pub media: crate::media::MediaConfig,
+    /// The web client's directory, if any.
+    pub web_dir: Option<PathBuf>,
 }
 
 /// Per-connection limits of the WebSocket API.
@@ -352,6 +378,24 @@ impl Config {
             log_json,
             regions,
             limits,
+            log_json: flags.log_json || file.log_json.unwrap_or(false),
+            media: crate::media::MediaConfig {
+                dir: flags
+                    .media_dir
+                    .or(file.media_dir)
+                    .unwrap_or_else(|| PathBuf::from("natter-media")),
+                store: flags.media_store.or(file.media_store),
+                secret: flags
+                    .media_secret
+                    .or_else(|| std::env::var("NATTER_MEDIA_SECRET").ok())
+                    .or(file.media_secret),
+                max_upload_bytes: flags
+                    .max_upload_bytes
+                    .or(file.max_upload_bytes)
+                    .unwrap_or(crate::media::DEFAULT_MAX_UPLOAD_BYTES)
+                    .max(1),
+            },
+            web_dir: crate::web::resolve_dir(flags.web_dir.or(file.web_dir)),
         })
     }
 }

@@ -97,6 +97,8 @@ pub fn routes(state: Arc<AppState>) -> axum::Router {
         .route("/metrics", get(metrics_text))
         .layer(middleware::from_fn(observe))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .merge(crate::media::routes())
+        .fallback(crate::web::service(state.config.web_dir.as_deref()))
         .with_state(state)
 }
 

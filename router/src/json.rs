@@ -53,8 +53,13 @@ pub fn notifications(n: i32) -> &'static str {
     }
 }
 
-pub fn media(m: &pb::Media) -> Value {
+/// A media item of a message in `conversation_id`, with signed `url` and
+/// `thumbnail_url` (see `media::urls`).
+pub fn media(conversation_id: &str, m: &pb::Media) -> Value {
+    let (url, thumbnail_url) = crate::media::urls(conversation_id, m);
     json!({
+        "url": url,
+        "thumbnail_url": thumbnail_url,
         "object_id": m.object_id,
         "sha256": m.sha256,
         "content_type": m.content_type,
@@ -73,7 +78,7 @@ pub fn message(m: &pb::Message) -> Value {
         "sender_id": m.sender_id,
         "client_msg_id": m.client_msg_id,
         "text": m.text,
-        "media": m.media.iter().map(media).collect::<Vec<_>>(),
+        "media": m.media.iter().map(|x| media(&m.conversation_id, x)).collect::<Vec<_>>(),
         "created_at_ms": m.created_at_ms,
         "expires_at_ms": m.expires_at_ms,
         "deleted": m.deleted,

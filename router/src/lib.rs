@@ -21,6 +21,8 @@
 //! * [`limits`] — abuse limits (rates per device/user/IP, login lockouts).
 //! * [`metrics`] — Prometheus metrics and per-request trace ids.
 //! * [`region`] — home regions: serve ours, send the others elsewhere.
+//! * [`media`] — media upload/download, thumbnails, signed URLs.
+//! * [`web`] — the web client's static files at `/`.
 
 pub mod auth;
 pub mod cluster;
@@ -33,10 +35,12 @@ pub mod http;
 pub mod json;
 pub mod limits;
 pub mod metrics;
+pub mod media;
 pub mod ops;
 pub mod presence;
 pub mod push;
 pub mod region;
+pub mod web;
 pub mod ws;
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -73,6 +77,8 @@ pub struct AppState {
 pub enum ServeError {
     #[error("setting up accounts: {0}")]
     Accounts(#[from] error::ApiError),
+    #[error("setting up media: {0}")]
+    Media(#[from] media::MediaError),
     #[error("serving HTTP: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -85,6 +91,7 @@ pub async fn serve(
     listener: tokio::net::TcpListener,
     stop: CancellationToken,
 ) -> Result<(), ServeError> {
+    media::install(&config.media)?;
     let cluster = Cluster::new(config.nodes.clone());
     let accounts = Accounts::new(
         cluster.clone(),

@@ -404,23 +404,21 @@ impl Ops<'_> {
                         "client_msg_id is required (the idempotency key of a send)",
                     ));
                 }
+                if !media.is_empty() {
+                    // Members only, before saying anything about the media.
+                    self.query(Q::GetConversation(pb::GetConversation {
+                        viewer_id: me.clone(),
+                        conversation_id: conversation_id.clone(),
+                    }))
+                    .await?;
+                }
+                let media = crate::media::resolve_items(&conversation_id, media).await?;
                 self.exec(Op::SendMessage(pb::SendMessage {
                     conversation_id,
                     sender_id: me.clone(),
                     client_msg_id,
                     text,
-                    media: media
-                        .into_iter()
-                        .map(|m| pb::Media {
-                            object_id: m.object_id,
-                            sha256: m.sha256,
-                            content_type: m.content_type,
-                            size: m.size,
-                            name: m.name,
-                            width: m.width,
-                            height: m.height,
-                        })
-                        .collect(),
+                    media,
                     ttl_ms,
                 }))
                 .await?

@@ -21,6 +21,7 @@ use natter_proto::cluster::{
 use tonic::transport::Channel;
 
 pub mod grpc;
+pub mod media;
 pub mod natter;
 pub mod ops;
 pub mod router;
