@@ -16,5 +16,6 @@ pub mod hosts;
 pub mod nemesis;
 pub mod proxy;
 pub mod report;
+pub mod router_client;
 pub mod runner;
 pub mod workload;

@@ -31,6 +31,10 @@ struct Common {
     /// Use loopback addresses instead of network namespaces.
     #[arg(long)]
     loopback: bool,
+    /// Drive the workload through the nodes' data API instead of through
+    /// routers (the default: two routers, gRPC, one account per process).
+    #[arg(long)]
+    node_api: bool,
 }
 
 #[derive(Subcommand)]
@@ -147,6 +151,7 @@ fn cfg(
             short_workload()
         },
         out_dir: out.to_path_buf(),
+        node_api: common.node_api,
     }
 }
 

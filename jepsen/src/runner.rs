@@ -2,7 +2,7 @@
 //! liveness, final drain, checkers.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -11,6 +11,7 @@ use anyhow::{Context, Result};
 use natter_model::pb;
 use natter_proto::cluster::Consistency;
 use natter_tests::natter::Natter;
+use natter_tests::router::RouterProc;
 use natter_tests::{Cluster, ClusterOpts, ShardClient};
 use prost::Message;
 use rand::rngs::StdRng;
@@ -21,6 +22,7 @@ use crate::history::{Recorder, Seen, Type, F};
 use crate::hosts::{Mode, Net};
 use crate::nemesis::{self, Faults, Nemesis};
 use crate::proxy::Proxies;
+use crate::router_client::RouterClient;
 use crate::workload::{self, MessagingClient, NodeApiClient, WorkloadCfg};
 
 /// The history's process number of liveness writes after healing.
@@ -46,7 +48,19 @@ pub struct RunCfg {
     pub recovery: Duration,
     pub workload: WorkloadCfg,
     pub out_dir: PathBuf,
+    /// Drive the workload through the nodes' data API instead of routers.
+    pub node_api: bool,
 }
+
+/// Routers the workload goes through (processes alternate between them).
+pub const ROUTERS: usize = 2;
+
+/// The workload is a handful of accounts sending as fast as they can: the
+/// routers' abuse limits would refuse most of it, so they are off.
+const ROUTER_ARGS: &[&str] = &[
+    "--rate-limit",
+    "send_device=off,send_user=off,login_user=off,login_ip=off,register_ip=off,connect_ip=off,connect_user=off",
+];
 
 /// What one run found.
 #[derive(Debug)]
@@ -171,7 +185,7 @@ pub async fn run(cfg: &RunCfg) -> Result<RunResult> {
         Ok(Err(e)) => return Err(e.context("starting the cluster")),
         Err(_) => anyhow::bail!("the cluster did not start within 120 s"),
     };
-    let outcome = drive(cfg, &rec, &mut cluster, &net, proxies.as_ref(), spare).await;
+    let outcome = drive(cfg, &rec, &mut cluster, &net, proxies.as_ref(), spare, &logs).await;
     // Keep the node logs next to the history.
     let _ = std::fs::create_dir_all(&logs);
     for n in cluster.nodes.values() {
@@ -204,6 +218,8 @@ pub async fn run(cfg: &RunCfg) -> Result<RunResult> {
 
 type Drive = (usize, bool, usize, Vec<String>);
 
+/// Runs the workload through routers (or the node API with `node_api`)
+/// under the nemesis, then the liveness and final reads.
 async fn drive(
     cfg: &RunCfg,
     rec: &Recorder,
@@ -211,11 +227,53 @@ async fn drive(
     net: &Net,
     proxies: Option<&Proxies>,
     spare: Vec<natter_tests::NodeHost>,
+    logs: &Path,
 ) -> Result<Drive> {
     let natter = Natter::new(ShardClient::new(cluster.addrs()), cluster.shards);
-    let client = NodeApiClient {
-        natter: natter.clone(),
-    };
+    if cfg.node_api {
+        let client = NodeApiClient {
+            natter: natter.clone(),
+        };
+        return drive_with(cfg, rec, cluster, net, proxies, spare, natter, client).await;
+    }
+    // Routers run outside the nodes' namespaces, like routers on machines
+    // of their own.
+    let nodes: Vec<String> = cluster.nodes.values().map(|n| n.addr.clone()).collect();
+    let mut routers = Vec::new();
+    for i in 1..=ROUTERS {
+        let r = RouterProc::start(cluster.dir.path(), &format!("router{i}"), &nodes, ROUTER_ARGS)
+            .await
+            .with_context(|| format!("starting router {i}"))?;
+        routers.push(r);
+    }
+    let addrs: Vec<String> = routers.iter().map(|r| r.addr.clone()).collect();
+    let client = tokio::time::timeout(
+        Duration::from_secs(60),
+        RouterClient::connect(&addrs, cfg.workload.processes),
+    )
+    .await
+    .context("creating accounts timed out")??;
+    let out = drive_with(cfg, rec, cluster, net, proxies, spare, natter, client).await;
+    let _ = std::fs::create_dir_all(logs);
+    for r in &routers {
+        if let Some(name) = r.log.file_name() {
+            let _ = std::fs::copy(&r.log, logs.join(name));
+        }
+    }
+    out
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn drive_with<C: MessagingClient>(
+    cfg: &RunCfg,
+    rec: &Recorder,
+    cluster: &mut Cluster,
+    net: &Net,
+    proxies: Option<&Proxies>,
+    spare: Vec<natter_tests::NodeHost>,
+    natter: Natter,
+    client: C,
+) -> Result<Drive> {
     let convs = tokio::time::timeout(
         Duration::from_secs(120),
         workload::setup(&client, &cfg.workload),
@@ -326,7 +384,7 @@ async fn drive(
         let mut attempt = 0;
         while !ok && Instant::now() < deadline && attempt < 30 {
             let cmid = format!("live-{i}-{attempt}");
-            let sender = workload::user(0);
+            let sender = client.user_id(0);
             let m = workload::Outgoing {
                 process: LIVENESS_PROCESS,
                 sender: &sender,
@@ -380,7 +438,7 @@ async fn drive(
         notes.push("replicas did not converge on one applied index within 60 s".into());
         live = false;
     }
-    let viewer = workload::user(0);
+    let viewer = client.user_id(0);
     let mut final_max: Vec<Option<u64>> = vec![None; convs.ids.len()];
     for (i, conv) in convs.ids.iter().enumerate() {
         let mut done = false;
@@ -434,7 +492,7 @@ async fn drive(
         loop {
             let agrees = match tokio::time::timeout(
                 Duration::from_secs(10),
-                client.feed(&workload::user(p), 0),
+                client.feed(&client.user_id(p), 0),
             )
             .await
             {

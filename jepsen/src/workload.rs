@@ -78,6 +78,8 @@ pub struct FeedSync {
 
 /// The client path the workload drives.
 pub trait MessagingClient: Clone + Send + Sync + 'static {
+    /// The user id of workload process `p`.
+    fn user_id(&self, p: u64) -> String;
     /// Creates a group conversation; returns its id.
     fn create_group(
         &self,
@@ -113,9 +115,30 @@ pub struct NodeApiClient {
 }
 
 /// Pages per delta sync before giving up (bounds a runaway sync).
-const MAX_SYNC_PAGES: usize = 1000;
+pub const MAX_SYNC_PAGES: usize = 1000;
+
+impl FeedSync {
+    /// Rows of a full read's page, with their details.
+    pub fn add_page(&mut self, entries: &[pb::FeedEntry]) {
+        self.add_rows(entries);
+        self.details.extend(entries.iter().filter_map(detail));
+    }
+
+    /// Rows of a delta page.
+    pub fn add_rows(&mut self, entries: &[pb::FeedEntry]) {
+        self.rows.extend(entries.iter().filter_map(|e| {
+            e.conversation
+                .as_ref()
+                .map(|c| (c.conversation_id.clone(), c.version, c.last_seq))
+        }));
+    }
+}
 
 impl MessagingClient for NodeApiClient {
+    fn user_id(&self, p: u64) -> String {
+        user(p)
+    }
+
     async fn create_group(&self, creator: &str, members: &[String]) -> Result<String> {
         let id = natter_tests::natter::uuid();
         match self
@@ -198,11 +221,6 @@ impl MessagingClient for NodeApiClient {
 
     async fn feed(&self, user: &str, token: u64) -> Result<FeedSync> {
         let mut out = FeedSync::default();
-        let row = |e: &pb::FeedEntry| {
-            e.conversation
-                .as_ref()
-                .map(|c| (c.conversation_id.clone(), c.version, c.last_seq))
-        };
         if token == 0 {
             let mut cursor = Vec::new();
             for _ in 0..MAX_SYNC_PAGES {
@@ -221,8 +239,7 @@ impl MessagingClient for NodeApiClient {
                 if out.tokens.is_empty() {
                     out.tokens.push(p.token);
                 }
-                out.rows.extend(p.entries.iter().filter_map(row));
-                out.details.extend(p.entries.iter().filter_map(detail));
+                out.add_page(&p.entries);
                 if p.cursor.is_empty() {
                     return Ok(out);
                 }
@@ -245,7 +262,7 @@ impl MessagingClient for NodeApiClient {
                 other => bail!("feed sync: {other:?}"),
             };
             out.tokens.push(p.token);
-            out.rows.extend(p.entries.iter().filter_map(row));
+            out.add_rows(&p.entries);
             if p.cold_start {
                 out.cold = true;
                 return Ok(out);
@@ -349,10 +366,10 @@ impl Conversations {
 }
 
 pub async fn setup<C: MessagingClient>(c: &C, cfg: &WorkloadCfg) -> Result<Conversations> {
-    let members: Vec<String> = (1..cfg.processes).map(user).collect();
+    let members: Vec<String> = (1..cfg.processes).map(|p| c.user_id(p)).collect();
     let mut ids = Vec::new();
     for _ in 0..cfg.hot + cfg.cold {
-        ids.push(c.create_group(&user(0), &members).await?);
+        ids.push(c.create_group(&c.user_id(0), &members).await?);
     }
     Ok(Conversations { ids, hot: cfg.hot })
 }
@@ -390,7 +407,7 @@ pub async fn record_sync<C: MessagingClient>(
         e.conv = Some(conv_no);
         e.tokens = Some(vec![token]);
     });
-    match tokio::time::timeout(timeout, c.sync(&user(p), conv, token)).await {
+    match tokio::time::timeout(timeout, c.sync(&c.user_id(p), conv, token)).await {
         Ok(Ok(s)) => {
             let next = s.tokens.last().copied().unwrap_or(token);
             rec.complete(&op, Type::Ok, |e| {
@@ -446,7 +463,7 @@ pub async fn record_feed<C: MessagingClient>(
     timeout: Duration,
 ) -> Option<(u64, Vec<FeedSeen>)> {
     let op = rec.invoke(p, f, |e| e.tokens = Some(vec![token]));
-    match tokio::time::timeout(timeout, c.feed(&user(p), token)).await {
+    match tokio::time::timeout(timeout, c.feed(&c.user_id(p), token)).await {
         Ok(Ok(s)) => {
             let next = s.tokens.last().copied().unwrap_or(token);
             let rows = convs.number(s.rows);
@@ -582,7 +599,7 @@ pub async fn process<C: MessagingClient>(
             let op = rec.invoke(p, F::Read, |e| e.conv = Some(conv));
             match tokio::time::timeout(
                 cfg.op_timeout,
-                c.history(&user(p), &convs.ids[conv as usize]),
+                c.history(&c.user_id(p), &convs.ids[conv as usize]),
             )
             .await
             {
@@ -612,7 +629,7 @@ pub async fn process<C: MessagingClient>(
             };
             let cmid = format!("p{p}-{n}");
             n += 1;
-            let sender = user(p);
+            let sender = c.user_id(p);
             let m = Outgoing {
                 process: p,
                 sender: &sender,
