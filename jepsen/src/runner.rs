@@ -185,7 +185,16 @@ pub async fn run(cfg: &RunCfg) -> Result<RunResult> {
         Ok(Err(e)) => return Err(e.context("starting the cluster")),
         Err(_) => anyhow::bail!("the cluster did not start within 120 s"),
     };
-    let outcome = drive(cfg, &rec, &mut cluster, &net, proxies.as_ref(), spare, &logs).await;
+    let outcome = drive(
+        cfg,
+        &rec,
+        &mut cluster,
+        &net,
+        proxies.as_ref(),
+        spare,
+        &logs,
+    )
+    .await;
     // Keep the node logs next to the history.
     let _ = std::fs::create_dir_all(&logs);
     for n in cluster.nodes.values() {
@@ -241,9 +250,14 @@ async fn drive(
     let nodes: Vec<String> = cluster.nodes.values().map(|n| n.addr.clone()).collect();
     let mut routers = Vec::new();
     for i in 1..=ROUTERS {
-        let r = RouterProc::start(cluster.dir.path(), &format!("router{i}"), &nodes, ROUTER_ARGS)
-            .await
-            .with_context(|| format!("starting router {i}"))?;
+        let r = RouterProc::start(
+            cluster.dir.path(),
+            &format!("router{i}"),
+            &nodes,
+            ROUTER_ARGS,
+        )
+        .await
+        .with_context(|| format!("starting router {i}"))?;
         routers.push(r);
     }
     let addrs: Vec<String> = routers.iter().map(|r| r.addr.clone()).collect();

@@ -20,9 +20,9 @@ pub mod config;
 pub mod events;
 pub mod membership;
 pub mod meta;
+pub mod metrics;
 pub mod notifier;
 pub mod presence;
-pub mod metrics;
 pub mod remote;
 pub mod workers;
 

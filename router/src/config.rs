@@ -378,7 +378,6 @@ impl Config {
             log_json,
             regions,
             limits,
-            log_json: flags.log_json || file.log_json.unwrap_or(false),
             media: crate::media::MediaConfig {
                 dir: flags
                     .media_dir

@@ -63,11 +63,31 @@ pub fn status(e: &ApiError) -> Status {
         "failed_precondition" => Code::FailedPrecondition,
         "unavailable" => Code::Unavailable,
         "timeout" => Code::DeadlineExceeded,
+        "rate_limited" => Code::ResourceExhausted,
+        "wrong_region" => Code::FailedPrecondition,
+        "too_large" => Code::OutOfRange,
         _ => Code::Internal,
     };
     let mut st = Status::new(code, e.to_string());
-    st.metadata_mut()
-        .insert(ERROR_CODE_KEY, MetadataValue::from_static(e.code()));
+    let md = st.metadata_mut();
+    md.insert(ERROR_CODE_KEY, MetadataValue::from_static(e.code()));
+    match e {
+        ApiError::RateLimited { retry_after_ms, .. } => {
+            md.insert("retry-after-ms", MetadataValue::from(*retry_after_ms));
+        }
+        ApiError::WrongRegion {
+            home_region,
+            router_url,
+        } => {
+            if let Ok(v) = MetadataValue::try_from(home_region.as_str()) {
+                md.insert("home-region", v);
+            }
+            if let Some(Ok(v)) = router_url.as_deref().map(MetadataValue::try_from) {
+                md.insert("router-url", v);
+            }
+        }
+        _ => {}
+    }
     st
 }
 
@@ -225,6 +245,13 @@ pub struct Api {
     state: Arc<AppState>,
 }
 
+/// The client's IP address (axum's connect info), for the abuse limits.
+fn peer_ip<T>(req: &GrpcRequest<T>) -> Option<std::net::IpAddr> {
+    req.extensions()
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .map(|c| c.0.ip())
+}
+
 impl Api {
     async fn session(&self, md: &MetadataMap) -> Result<SessionInfo, Status> {
         let t = token(md).map_err(|e| status(&e))?;
@@ -244,6 +271,12 @@ impl Api {
     ) -> Result<(String, Answer), Status> {
         let s = self.session(req.metadata()).await?;
         let op = build(req.into_inner()).map_err(|e| status(&e))?;
+        if matches!(op, Request::Send { .. }) {
+            self.state
+                .limits
+                .check_send(&s.user_id, &s.token_hash)
+                .map_err(|e| status(&e))?;
+        }
         let ops = Ops {
             cluster: &self.state.cluster,
             me: &s.user_id,
@@ -360,6 +393,12 @@ impl Natter for Api {
         &self,
         req: GrpcRequest<cp::RegisterRequest>,
     ) -> Result<Response<cp::RegisterReply>, Status> {
+        if let Some(ip) = peer_ip(&req) {
+            self.state
+                .limits
+                .check_register(ip)
+                .map_err(|e| status(&e))?;
+        }
         let r = req.into_inner();
         let (user_id, username) = self
             .state
@@ -375,13 +414,37 @@ impl Natter for Api {
         &self,
         req: GrpcRequest<cp::LoginRequest>,
     ) -> Result<Response<cp::LoginReply>, Status> {
+        let ip = peer_ip(&req);
         let r = req.into_inner();
-        let l = self
+        let limits = &self.state.limits;
+        if let Some(ip) = ip {
+            limits
+                .check_login(&r.username, ip)
+                .map_err(|e| status(&e))?;
+        }
+        let l = match self
             .state
             .accounts
             .login(&r.username, &r.password, &r.device)
             .await
-            .map_err(|e| status(&e))?;
+        {
+            Ok(l) => l,
+            Err(e @ ApiError::Unauthenticated(_)) => {
+                crate::metrics::auth_failure("login");
+                if let Some(ip) = ip {
+                    limits.login_failed(&r.username, ip);
+                }
+                return Err(status(&e));
+            }
+            Err(e) => {
+                if matches!(e, ApiError::WrongRegion { .. }) {
+                    // The password was right.
+                    limits.login_succeeded(&r.username);
+                }
+                return Err(status(&e));
+            }
+        };
+        limits.login_succeeded(&r.username);
         Ok(Response::new(cp::LoginReply {
             token: l.token,
             user_id: l.user_id,
@@ -414,7 +477,18 @@ impl Natter for Api {
                 "the router is shutting down".into(),
             )));
         }
+        if let Some(ip) = peer_ip(&req) {
+            st.limits.check_connect_ip(ip).map_err(|e| status(&e))?;
+        }
         let session = self.session(req.metadata()).await?;
+        st.limits
+            .check_connect_user(&session.user_id)
+            .map_err(|e| status(&e))?;
+        let deadline = Instant::now() + st.config.request_timeout;
+        let home = crate::region::home_region(&st.cluster, &session.user_id, deadline)
+            .await
+            .map_err(|e| status(&e))?;
+        st.config.regions.check(&home).map_err(|e| status(&e))?;
         let r = req.into_inner();
         if r.conversations.len() > MAX_TRACKED {
             return Err(status(&ApiError::invalid(format!(

@@ -29,13 +29,13 @@ pub mod cluster;
 pub mod config;
 pub mod conn;
 pub mod error;
-pub mod grpc;
 pub mod frame;
+pub mod grpc;
 pub mod http;
 pub mod json;
 pub mod limits;
-pub mod metrics;
 pub mod media;
+pub mod metrics;
 pub mod ops;
 pub mod presence;
 pub mod push;
@@ -131,6 +131,14 @@ pub async fn serve(
     let http_stop = CancellationToken::new();
     let server = {
         let http_stop = http_stop.clone();
+        // Small frames (a gRPC reply, a pushed event) must not wait for
+        // Nagle's algorithm: without TCP_NODELAY a reply can sit ~40 ms
+        // behind the peer's delayed ACK.
+        let listener = axum::serve::ListenerExt::tap_io(listener, |s| {
+            if let Err(e) = s.set_nodelay(true) {
+                tracing::debug!("TCP_NODELAY: {e}");
+            }
+        });
         tokio::spawn(async move {
             axum::serve(
                 listener,

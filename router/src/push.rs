@@ -405,7 +405,11 @@ impl Hub {
 
     /// [`Hub::typing`] from whichever local device of this session tracks
     /// the conversation (gRPC: typing is a call beside the Subscribe stream).
-    pub fn typing_for_session(&self, token_hash: &[u8; 32], conv: &str) -> Result<(), ApiError> {
+    pub fn typing_for_session(
+        self: &Arc<Self>,
+        token_hash: &[u8; 32],
+        conv: &str,
+    ) -> Result<(), ApiError> {
         let dev = self.index.lock().ok().and_then(|ix| {
             let ids = ix.by_token.get(token_hash)?;
             let tracking = ix.by_conv.get(conv);

@@ -92,6 +92,7 @@ impl Cluster {
     pub fn host_of(&self, id: u64) -> Option<NodeHost> {
         self.nodes.get(&id).map(|n| NodeHost {
             listen: n.addr.clone(),
+            advertise: None,
             prefix: n.prefix.clone(),
             env: n.env.clone(),
         })
