@@ -11,7 +11,7 @@ use anyhow::{Context, Result};
 use natter_model::pb;
 use natter_proto::cluster::Consistency;
 use natter_tests::natter::Natter;
-use natter_tests::router::RouterProc;
+use natter_tests::router::{RouterProc, NO_LIMITS};
 use natter_tests::{Cluster, ClusterOpts, ShardClient};
 use prost::Message;
 use rand::rngs::StdRng;
@@ -54,13 +54,6 @@ pub struct RunCfg {
 
 /// Routers the workload goes through (processes alternate between them).
 pub const ROUTERS: usize = 2;
-
-/// The workload is a handful of accounts sending as fast as they can: the
-/// routers' abuse limits would refuse most of it, so they are off.
-const ROUTER_ARGS: &[&str] = &[
-    "--rate-limit",
-    "send_device=off,send_user=off,login_user=off,login_ip=off,register_ip=off,connect_ip=off,connect_user=off",
-];
 
 /// What one run found.
 #[derive(Debug)]
@@ -250,14 +243,9 @@ async fn drive(
     let nodes: Vec<String> = cluster.nodes.values().map(|n| n.addr.clone()).collect();
     let mut routers = Vec::new();
     for i in 1..=ROUTERS {
-        let r = RouterProc::start(
-            cluster.dir.path(),
-            &format!("router{i}"),
-            &nodes,
-            ROUTER_ARGS,
-        )
-        .await
-        .with_context(|| format!("starting router {i}"))?;
+        let r = RouterProc::start(cluster.dir.path(), &format!("router{i}"), &nodes, NO_LIMITS)
+            .await
+            .with_context(|| format!("starting router {i}"))?;
         routers.push(r);
     }
     let addrs: Vec<String> = routers.iter().map(|r| r.addr.clone()).collect();

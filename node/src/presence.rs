@@ -174,14 +174,21 @@ impl Presence {
             }
             let mut gone = Vec::new();
             for u in offline.iter().take(MAX_USERS_PER_CALL) {
-                if let Some(routers) = leases.get_mut(u) {
-                    routers.remove(router);
-                    if routers.is_empty() {
-                        leases.remove(u);
-                        self.users
-                            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-                        gone.push(u.clone());
+                match leases.get_mut(u) {
+                    Some(routers) => {
+                        routers.remove(router);
+                        if routers.is_empty() {
+                            leases.remove(u);
+                            self.users
+                                .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+                            gone.push(u.clone());
+                        }
                     }
+                    // No lease here: this node became the leader after the
+                    // user came online (leases are not replicated). The
+                    // router saw the last device go: still record it.
+                    None if natter_model::is_canonical_uuid(u) => gone.push(u.clone()),
+                    None => {}
                 }
             }
             for u in gone {

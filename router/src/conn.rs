@@ -153,7 +153,7 @@ impl Outbound {
     /// [`Outbound::send`]).
     pub fn push(&self, p: crate::push::Push) -> bool {
         if !self.typed {
-            return self.send(p.to_json().to_string());
+            return self.send_json(&p.to_json());
         }
         let ev = crate::grpc::event(p);
         let len = prost::Message::encoded_len(&ev);

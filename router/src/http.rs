@@ -76,6 +76,10 @@ async fn observe(req: Request, next: Next) -> Response {
     resp
 }
 
+async fn unknown_endpoint() -> ApiError {
+    ApiError::not_found("no such endpoint (see docs/protocol.md)")
+}
+
 async fn metrics_text() -> impl IntoResponse {
     (
         [(
@@ -95,6 +99,9 @@ pub fn routes(state: Arc<AppState>) -> axum::Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_text))
+        // An API path no route takes is a 404 of the API, not a page of the
+        // web client (which answers every other path).
+        .route("/v1/{*rest}", axum::routing::any(unknown_endpoint))
         .layer(middleware::from_fn(observe))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .merge(crate::media::routes())

@@ -32,6 +32,14 @@ pub fn router_bin() -> PathBuf {
     }
 }
 
+/// Router flags that turn every abuse limit off: for load generators
+/// (benchmarks, the fault-injection workload), where a few accounts send as
+/// fast as they can from one address.
+pub const NO_LIMITS: &[&str] = &[
+    "--rate-limit",
+    "send_device=off,send_user=off,upload_device=off,upload_user=off,login_user=off,login_ip=off,register_ip=off,connect_ip=off,connect_user=off",
+];
+
 /// One router process.
 pub struct RouterProc {
     pub addr: String,

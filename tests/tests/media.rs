@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 
 const PW: &str = "correct horse battery";
 const SECRET: &str = "test-media-secret";
-const LIMIT: usize = 200_000;
+const LIMIT: usize = 2_000_000;
 
 struct World {
     _cluster: Cluster,

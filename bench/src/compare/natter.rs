@@ -56,7 +56,7 @@ impl NatterSys {
                     cluster.dir.path(),
                     &format!("router{i}"),
                     &cluster.addrs(),
-                    &[],
+                    natter_tests::router::NO_LIMITS,
                 )
                 .await?,
             );
