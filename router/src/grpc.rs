@@ -393,20 +393,12 @@ impl Natter for Api {
         &self,
         req: GrpcRequest<cp::RegisterRequest>,
     ) -> Result<Response<cp::RegisterReply>, Status> {
-        if let Some(ip) = peer_ip(&req) {
-            self.state
-                .limits
-                .check_register(ip)
-                .map_err(|e| status(&e))?;
-        }
+        let ip = peer_ip(&req);
         let r = req.into_inner();
-        let (user_id, username) = self
-            .state
-            .accounts
-            .register(&r.username, &r.password)
-            .await
-            .map_err(|e| status(&e))?;
-        tracing::info!(user = %user_id, "registered (gRPC)");
+        let (user_id, username) =
+            crate::http::guarded_register(&self.state, &r.username, &r.password, ip)
+                .await
+                .map_err(|e| status(&e))?;
         Ok(Response::new(cp::RegisterReply { user_id, username }))
     }
 
@@ -416,35 +408,9 @@ impl Natter for Api {
     ) -> Result<Response<cp::LoginReply>, Status> {
         let ip = peer_ip(&req);
         let r = req.into_inner();
-        let limits = &self.state.limits;
-        if let Some(ip) = ip {
-            limits
-                .check_login(&r.username, ip)
-                .map_err(|e| status(&e))?;
-        }
-        let l = match self
-            .state
-            .accounts
-            .login(&r.username, &r.password, &r.device)
+        let l = crate::http::guarded_login(&self.state, &r.username, &r.password, &r.device, ip)
             .await
-        {
-            Ok(l) => l,
-            Err(e @ ApiError::Unauthenticated(_)) => {
-                crate::metrics::auth_failure("login");
-                if let Some(ip) = ip {
-                    limits.login_failed(&r.username, ip);
-                }
-                return Err(status(&e));
-            }
-            Err(e) => {
-                if matches!(e, ApiError::WrongRegion { .. }) {
-                    // The password was right.
-                    limits.login_succeeded(&r.username);
-                }
-                return Err(status(&e));
-            }
-        };
-        limits.login_succeeded(&r.username);
+            .map_err(|e| status(&e))?;
         Ok(Response::new(cp::LoginReply {
             token: l.token,
             user_id: l.user_id,

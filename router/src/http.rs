@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, QueryRejection};
@@ -22,6 +22,7 @@ use axum::Json;
 use serde_json::json;
 use tracing::Instrument;
 
+use crate::auth::Login;
 use crate::error::ApiError;
 use crate::frame::{bearer_token, parse_credentials};
 use crate::metrics;
@@ -109,15 +110,63 @@ pub fn routes(state: Arc<AppState>) -> axum::Router {
         .with_state(state)
 }
 
+/// Registers under the sign-up limit (per client IP, when known): the one
+/// path of every front-end (HTTP, gRPC).
+pub(crate) async fn guarded_register(
+    st: &AppState,
+    username: &str,
+    password: &str,
+    ip: Option<IpAddr>,
+) -> Result<(String, String), ApiError> {
+    if let Some(ip) = ip {
+        st.limits.check_register(ip)?;
+    }
+    let (user_id, username) = st.accounts.register(username, password).await?;
+    tracing::info!(user = %user_id, "registered");
+    Ok((user_id, username))
+}
+
+/// Logs in under the login limits and lockouts (per username, and per
+/// client IP when known): the one path of every front-end.
+pub(crate) async fn guarded_login(
+    st: &AppState,
+    username: &str,
+    password: &str,
+    device: &str,
+    ip: Option<IpAddr>,
+) -> Result<Login, ApiError> {
+    if let Some(ip) = ip {
+        st.limits.check_login(username, ip)?;
+    }
+    match st.accounts.login(username, password, device).await {
+        Ok(l) => {
+            st.limits.login_succeeded(username);
+            Ok(l)
+        }
+        Err(e @ ApiError::Unauthenticated(_)) => {
+            metrics::auth_failure("login");
+            if let Some(ip) = ip {
+                st.limits.login_failed(username, ip);
+            }
+            Err(e)
+        }
+        Err(e @ ApiError::WrongRegion { .. }) => {
+            // The password was right.
+            st.limits.login_succeeded(username);
+            Err(e)
+        }
+        Err(e) => Err(e),
+    }
+}
+
 async fn register(
     State(st): State<Arc<AppState>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
-    st.limits.check_register(peer.ip())?;
     let c = parse_credentials(&body_bytes(body)?)?;
-    let (user_id, username) = st.accounts.register(&c.username, &c.password).await?;
-    tracing::info!(user = %user_id, "registered");
+    let (user_id, username) =
+        guarded_register(&st, &c.username, &c.password, Some(peer.ip())).await?;
     Ok((
         StatusCode::CREATED,
         Json(json!({"user_id": user_id, "username": username})),
@@ -130,22 +179,7 @@ async fn login(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let c = parse_credentials(&body_bytes(body)?)?;
-    st.limits.check_login(&c.username, peer.ip())?;
-    let l = match st.accounts.login(&c.username, &c.password, &c.device).await {
-        Ok(l) => l,
-        Err(e @ ApiError::Unauthenticated(_)) => {
-            metrics::auth_failure("login");
-            st.limits.login_failed(&c.username, peer.ip());
-            return Err(e);
-        }
-        Err(e @ ApiError::WrongRegion { .. }) => {
-            // The password was right.
-            st.limits.login_succeeded(&c.username);
-            return Err(e);
-        }
-        Err(e) => return Err(e),
-    };
-    st.limits.login_succeeded(&c.username);
+    let l = guarded_login(&st, &c.username, &c.password, &c.device, Some(peer.ip())).await?;
     Ok(Json(json!({
         "token": l.token,
         "user_id": l.user_id,
