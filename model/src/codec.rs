@@ -9,7 +9,9 @@ use std::ops::Bound;
 use natter_kv::{prefix_end, KvError, KvRead, KvResult, KvWrite, Pair};
 use prost::Message;
 
+use crate::error::{invalid, Res};
 use crate::keys;
+use crate::limits::MAX_CURSOR_BYTES;
 use crate::pb;
 
 /// Decodes a row read from `key`.
@@ -45,6 +47,36 @@ pub(crate) fn scan_from(
         None => Bound::Unbounded,
     };
     kv.scan(from, end, false, limit)
+}
+
+/// One page of the rows under `prefix` after the cursor `after` (a key
+/// returned as `next_after` by the previous page; empty = from the start):
+/// (rows, next cursor, has more). A cursor outside the prefix, or too long,
+/// is refused as a bad `what` cursor.
+pub(crate) fn page_after<M: Message + Default>(
+    kv: &dyn KvRead,
+    prefix: &[u8],
+    after: &[u8],
+    limit: usize,
+    what: &str,
+) -> Res<(Vec<M>, Vec<u8>, bool)> {
+    if after.len() > MAX_CURSOR_BYTES || !(after.is_empty() || after.starts_with(prefix)) {
+        return Err(invalid(format!("bad {what} cursor")));
+    }
+    let from = if after.is_empty() {
+        Bound::Included(prefix)
+    } else {
+        Bound::Excluded(after)
+    };
+    let rows = scan_from(kv, prefix, from, limit + 1)?;
+    let has_more = rows.len() > limit;
+    let mut out = Vec::with_capacity(rows.len().min(limit));
+    let mut next_after = Vec::new();
+    for (k, v) in rows.into_iter().take(limit) {
+        out.push(decode::<M>(&k, &v)?);
+        next_after = k;
+    }
+    Ok((out, next_after, has_more))
 }
 
 /// The last 8 bytes of a key as a big-endian integer.

@@ -21,11 +21,11 @@ use std::ops::Bound;
 
 use natter_kv::{KvRead, KvWrite};
 
-use crate::codec::{decode, get, put, scan_from};
-use crate::error::{invalid, limit, Res};
+use crate::codec::{decode, get, page_after, put, scan_from};
+use crate::error::{limit, Res};
 use crate::ids::{notification_id, Id};
 use crate::keys;
-use crate::limits::{page_limit, MAX_BATCH, MAX_CURSOR_BYTES};
+use crate::limits::{page_limit, MAX_BATCH};
 use crate::pb::{self, response::R, ConversationKind, Notifications};
 
 /// Whether the user's setting allows a notification for this kind.
@@ -115,22 +115,8 @@ pub(crate) fn pending(kv: &dyn KvRead, q: pb::PendingNotifications) -> Res<R> {
         Some(Id::parse(&q.user_id, "user_id")?)
     };
     let prefix = keys::notification_prefix(user.as_ref(), None);
-    if q.after.len() > MAX_CURSOR_BYTES || !(q.after.is_empty() || q.after.starts_with(&prefix)) {
-        return Err(invalid("bad notification cursor"));
-    }
-    let from = if q.after.is_empty() {
-        Bound::Included(prefix.as_slice())
-    } else {
-        Bound::Excluded(q.after.as_slice())
-    };
-    let rows = scan_from(kv, &prefix, from, lim + 1)?;
-    let has_more = rows.len() > lim;
-    let mut notifications = Vec::with_capacity(rows.len().min(lim));
-    let mut next_after = Vec::new();
-    for (k, v) in rows.into_iter().take(lim) {
-        notifications.push(decode::<pb::Notification>(&k, &v)?);
-        next_after = k;
-    }
+    let (notifications, next_after, has_more) =
+        page_after(kv, &prefix, &q.after, lim, "notification")?;
     Ok(R::Notifications(pb::NotificationBatch {
         notifications,
         next_after,

@@ -18,15 +18,14 @@
 //! On failure the worker simply doesn't ack; redelivery is harmless.
 
 use std::collections::BTreeMap;
-use std::ops::Bound;
 
 use natter_kv::{KvRead, KvWrite};
 
-use crate::codec::{decode, get, put, scan_from};
+use crate::codec::{get, page_after, put};
 use crate::error::{invalid, limit, Res};
 use crate::ids::Id;
 use crate::keys;
-use crate::limits::{page_limit, MAX_BATCH, MAX_CURSOR_BYTES};
+use crate::limits::{page_limit, MAX_BATCH};
 use crate::pb::{self, outbox_entry::Payload, response::R, OutboxKind};
 use crate::route::{shard_of, user_route_key};
 
@@ -78,23 +77,8 @@ fn kind_byte(kind: i32) -> Res<u8> {
 /// Query `PendingOutbox`: up to `limit` rows after the cursor, in key order.
 pub(crate) fn pending(kv: &dyn KvRead, q: pb::PendingOutbox) -> Res<R> {
     let lim = page_limit(q.limit)?;
-    let prefix = keys::outbox_prefix();
-    if q.after.len() > MAX_CURSOR_BYTES || !(q.after.is_empty() || q.after.starts_with(&prefix)) {
-        return Err(invalid("bad outbox cursor"));
-    }
-    let from = if q.after.is_empty() {
-        Bound::Included(prefix.as_slice())
-    } else {
-        Bound::Excluded(q.after.as_slice())
-    };
-    let rows = scan_from(kv, &prefix, from, lim + 1)?;
-    let has_more = rows.len() > lim;
-    let mut entries = Vec::with_capacity(rows.len().min(lim));
-    let mut next_after = Vec::new();
-    for (k, v) in rows.into_iter().take(lim) {
-        entries.push(decode::<pb::OutboxEntry>(&k, &v)?);
-        next_after = k;
-    }
+    let (entries, next_after, has_more) =
+        page_after(kv, &keys::outbox_prefix(), &q.after, lim, "outbox")?;
     Ok(R::Outbox(pb::OutboxBatch {
         entries,
         next_after,
