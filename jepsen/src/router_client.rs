@@ -14,13 +14,14 @@ use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Context, Result};
 use natter_model::pb;
-use natter_model::pb::conversation_change::Change;
 use natter_proto::client as cp;
 use natter_tests::grpc::{self, Api};
 use tonic::Code;
 
 use crate::history::Seen;
-use crate::workload::{FeedSync, MessagingClient, SendResult, SyncResult, MAX_SYNC_PAGES};
+use crate::workload::{
+    feed_pages, sync_pages, FeedSync, MessagingClient, SendResult, SyncResult, MAX_SYNC_PAGES,
+};
 
 /// Every workload process's account: its user id, session token and the
 /// router it talks to.
@@ -170,38 +171,24 @@ impl MessagingClient for RouterClient {
 
     async fn sync(&self, viewer: &str, conv: &str, token: u64) -> Result<SyncResult> {
         let a = self.account(viewer)?;
-        let mut api = a.api.clone();
-        let mut out = SyncResult::default();
-        let mut at = token;
-        for _ in 0..MAX_SYNC_PAGES {
-            let s = api
-                .sync_conversation(grpc::authed(
-                    &a.token,
-                    cp::SyncConversationRequest {
-                        conversation_id: conv.into(),
-                        token: at,
-                        limit: 50,
-                    },
-                ))
-                .await
-                .map_err(|s| anyhow!("sync: {}", status_text(&s)))?
-                .into_inner();
-            for c in &s.changes {
-                if let Some(Change::Message(m)) = &c.change {
-                    out.msgs.push((m.seq, m.client_msg_id.clone()));
-                }
+        sync_pages(token, |at| {
+            let mut api = a.api.clone();
+            let req = grpc::authed(
+                &a.token,
+                cp::SyncConversationRequest {
+                    conversation_id: conv.into(),
+                    token: at,
+                    limit: 50,
+                },
+            );
+            async move {
+                api.sync_conversation(req)
+                    .await
+                    .map(|r| r.into_inner())
+                    .map_err(|s| anyhow!("sync: {}", status_text(&s)))
             }
-            out.tokens.push(s.token);
-            if s.cold_start && token != 0 {
-                out.cold = true;
-                return Ok(out);
-            }
-            at = s.token;
-            if !s.has_more || s.cold_start {
-                return Ok(out);
-            }
-        }
-        Err(anyhow!("sync did not end within {MAX_SYNC_PAGES} pages"))
+        })
+        .await
     }
 
     async fn history(&self, viewer: &str, conv: &str) -> Result<Vec<Seen>> {
@@ -242,57 +229,35 @@ impl MessagingClient for RouterClient {
 
     async fn feed(&self, user: &str, token: u64) -> Result<FeedSync> {
         let a = self.account(user)?;
-        let mut api = a.api.clone();
-        let mut out = FeedSync::default();
-        if token == 0 {
-            let mut cursor = Vec::new();
-            for _ in 0..MAX_SYNC_PAGES {
-                let p = api
-                    .get_feed(grpc::authed(
-                        &a.token,
-                        cp::GetFeedRequest {
-                            limit: 100,
-                            cursor: cursor.clone(),
-                        },
-                    ))
-                    .await
-                    .map_err(|s| anyhow!("feed: {}", status_text(&s)))?
-                    .into_inner();
-                if out.tokens.is_empty() {
-                    out.tokens.push(p.token);
+        feed_pages(
+            token,
+            |cursor| {
+                let mut api = a.api.clone();
+                let req = grpc::authed(&a.token, cp::GetFeedRequest { limit: 100, cursor });
+                async move {
+                    api.get_feed(req)
+                        .await
+                        .map(|r| r.into_inner())
+                        .map_err(|s| anyhow!("feed: {}", status_text(&s)))
                 }
-                out.add_page(&p.entries);
-                if p.cursor.is_empty() {
-                    return Ok(out);
-                }
-                cursor = p.cursor;
-            }
-            bail!("feed did not end within {MAX_SYNC_PAGES} pages");
-        }
-        let mut at = token;
-        for _ in 0..MAX_SYNC_PAGES {
-            let p = api
-                .sync_feed(grpc::authed(
+            },
+            |at| {
+                let mut api = a.api.clone();
+                let req = grpc::authed(
                     &a.token,
                     cp::SyncFeedRequest {
                         token: at,
                         limit: 50,
                     },
-                ))
-                .await
-                .map_err(|s| anyhow!("feed sync: {}", status_text(&s)))?
-                .into_inner();
-            out.tokens.push(p.token);
-            out.add_rows(&p.entries);
-            if p.cold_start {
-                out.cold = true;
-                return Ok(out);
-            }
-            at = p.token;
-            if !p.has_more {
-                return Ok(out);
-            }
-        }
-        bail!("feed sync did not end within {MAX_SYNC_PAGES} pages")
+                );
+                async move {
+                    api.sync_feed(req)
+                        .await
+                        .map(|r| r.into_inner())
+                        .map_err(|s| anyhow!("feed sync: {}", status_text(&s)))
+                }
+            },
+        )
+        .await
     }
 }

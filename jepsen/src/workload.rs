@@ -179,40 +179,21 @@ impl MessagingClient for NodeApiClient {
     }
 
     async fn sync(&self, viewer: &str, conv: &str, token: u64) -> Result<SyncResult> {
-        let mut out = SyncResult::default();
-        let mut at = token;
-        for _ in 0..MAX_SYNC_PAGES {
-            let s = match self
-                .natter
-                .query(Q::SyncConversation(pb::SyncConversation {
-                    viewer_id: viewer.into(),
-                    conversation_id: conv.into(),
-                    token: at,
-                    limit: 50,
-                }))
-                .await?
-            {
-                R::ConversationSync(s) => s,
-                other => bail!("sync: {other:?}"),
-            };
-            for c in &s.changes {
-                if let Some(Change::Message(m)) = &c.change {
-                    out.msgs.push((m.seq, m.client_msg_id.clone()));
+        sync_pages(token, |at| {
+            let q = Q::SyncConversation(pb::SyncConversation {
+                viewer_id: viewer.into(),
+                conversation_id: conv.into(),
+                token: at,
+                limit: 50,
+            });
+            async move {
+                match self.natter.query(q).await? {
+                    R::ConversationSync(s) => Ok(s),
+                    other => bail!("sync: {other:?}"),
                 }
             }
-            out.tokens.push(s.token);
-            if s.cold_start && token != 0 {
-                out.cold = true;
-                return Ok(out);
-            }
-            at = s.token;
-            // A cold start is one page (plus History for older messages,
-            // which the workload does not need: views start before sends).
-            if !s.has_more || s.cold_start {
-                return Ok(out);
-            }
-        }
-        Err(anyhow!("sync did not end within {MAX_SYNC_PAGES} pages"))
+        })
+        .await
     }
 
     async fn history(&self, viewer: &str, conv: &str) -> Result<Vec<Seen>> {
@@ -220,60 +201,106 @@ impl MessagingClient for NodeApiClient {
     }
 
     async fn feed(&self, user: &str, token: u64) -> Result<FeedSync> {
-        let mut out = FeedSync::default();
-        if token == 0 {
-            let mut cursor = Vec::new();
-            for _ in 0..MAX_SYNC_PAGES {
-                let p = match self
-                    .natter
-                    .query(Q::GetFeed(pb::GetFeed {
-                        user_id: user.into(),
-                        limit: 100,
-                        cursor: cursor.clone(),
-                    }))
-                    .await?
-                {
-                    R::Feed(p) => p,
-                    other => bail!("feed: {other:?}"),
-                };
-                if out.tokens.is_empty() {
-                    out.tokens.push(p.token);
-                }
-                out.add_page(&p.entries);
-                if p.cursor.is_empty() {
-                    return Ok(out);
-                }
-                cursor = p.cursor;
+        let page = |q| async move {
+            match self.natter.query(q).await? {
+                R::Feed(p) => Ok(p),
+                other => bail!("feed: {other:?}"),
             }
-            bail!("feed did not end within {MAX_SYNC_PAGES} pages");
-        }
-        let mut at = token;
-        for _ in 0..MAX_SYNC_PAGES {
-            let p = match self
-                .natter
-                .query(Q::SyncFeed(pb::SyncFeed {
+        };
+        feed_pages(
+            token,
+            |cursor| {
+                page(Q::GetFeed(pb::GetFeed {
+                    user_id: user.into(),
+                    limit: 100,
+                    cursor,
+                }))
+            },
+            |at| {
+                page(Q::SyncFeed(pb::SyncFeed {
                     user_id: user.into(),
                     token: at,
                     limit: 50,
                 }))
-                .await?
-            {
-                R::Feed(p) => p,
-                other => bail!("feed sync: {other:?}"),
-            };
-            out.tokens.push(p.token);
-            out.add_rows(&p.entries);
-            if p.cold_start {
-                out.cold = true;
-                return Ok(out);
-            }
-            at = p.token;
-            if !p.has_more {
-                return Ok(out);
+            },
+        )
+        .await
+    }
+}
+
+/// A delta sync of one conversation from `token`, page by page until the
+/// end (a cold start is one page): `fetch(at)` reads the page at token `at`.
+/// The same rules for every client path.
+pub async fn sync_pages<F, Fut>(token: u64, mut fetch: F) -> Result<SyncResult>
+where
+    F: FnMut(u64) -> Fut,
+    Fut: Future<Output = Result<pb::ConversationSync>>,
+{
+    let mut out = SyncResult::default();
+    let mut at = token;
+    for _ in 0..MAX_SYNC_PAGES {
+        let s = fetch(at).await?;
+        for c in &s.changes {
+            if let Some(Change::Message(m)) = &c.change {
+                out.msgs.push((m.seq, m.client_msg_id.clone()));
             }
         }
-        bail!("feed sync did not end within {MAX_SYNC_PAGES} pages")
+        out.tokens.push(s.token);
+        if s.cold_start && token != 0 {
+            out.cold = true;
+            return Ok(out);
+        }
+        at = s.token;
+        // A cold start is one page (plus History for older messages,
+        // which the workload does not need: views start before sends).
+        if !s.has_more || s.cold_start {
+            return Ok(out);
+        }
     }
+    Err(anyhow!("sync did not end within {MAX_SYNC_PAGES} pages"))
+}
+
+/// A feed read: in full for token 0 (`get(cursor)` reads a page of the
+/// feed), else every row changed since `token` (`sync(at)` reads the delta
+/// page at `at`). The same rules for every client path.
+pub async fn feed_pages<G, GF, S, SF>(token: u64, mut get: G, mut sync: S) -> Result<FeedSync>
+where
+    G: FnMut(Vec<u8>) -> GF,
+    GF: Future<Output = Result<pb::FeedPage>>,
+    S: FnMut(u64) -> SF,
+    SF: Future<Output = Result<pb::FeedPage>>,
+{
+    let mut out = FeedSync::default();
+    if token == 0 {
+        let mut cursor = Vec::new();
+        for _ in 0..MAX_SYNC_PAGES {
+            let p = get(cursor).await?;
+            if out.tokens.is_empty() {
+                out.tokens.push(p.token);
+            }
+            out.add_page(&p.entries);
+            if p.cursor.is_empty() {
+                return Ok(out);
+            }
+            cursor = p.cursor;
+        }
+        bail!("feed did not end within {MAX_SYNC_PAGES} pages");
+    }
+    let mut at = token;
+    for _ in 0..MAX_SYNC_PAGES {
+        let p = sync(at).await?;
+        out.tokens.push(p.token);
+        out.add_rows(&p.entries);
+        if p.cold_start {
+            out.cold = true;
+            return Ok(out);
+        }
+        at = p.token;
+        if !p.has_more {
+            return Ok(out);
+        }
+    }
+    bail!("feed sync did not end within {MAX_SYNC_PAGES} pages")
 }
 
 /// The conversation's messages; a conversation the shard does not know is
