@@ -540,9 +540,7 @@ impl Client {
                 async move { api.lookup_user(net::authed(&t, req)).await }
             })
             .await?;
-        r.user
-            .map(User::from)
-            .ok_or_else(|| Error::Invalid("empty reply".into()))
+        user_reply(r)
     }
 
     pub async fn get_user(&self, user_id: &str) -> Result<User, Error> {
@@ -556,9 +554,7 @@ impl Client {
                 async move { api.get_user(net::authed(&t, req)).await }
             })
             .await?;
-        r.user
-            .map(User::from)
-            .ok_or_else(|| Error::Invalid("empty reply".into()))
+        user_reply(r)
     }
 
     /// Sends a friend request (or accepts theirs).
@@ -639,6 +635,12 @@ impl Client {
 fn conv_reply(r: cp::ConversationReply) -> Result<Conversation, Error> {
     r.conversation
         .map(Conversation::from)
+        .ok_or_else(|| Error::Invalid("empty reply".into()))
+}
+
+fn user_reply(r: cp::UserReply) -> Result<User, Error> {
+    r.user
+        .map(User::from)
         .ok_or_else(|| Error::Invalid("empty reply".into()))
 }
 
