@@ -64,7 +64,7 @@ pub enum Nemesis {
     WalLoss,
 }
 
-pub const ALL: [Nemesis; 13] = [
+pub const ALL: [Nemesis; 14] = [
     Nemesis::Partition,
     Nemesis::PartitionLeader,
     Nemesis::PartitionBridge,
@@ -78,11 +78,11 @@ pub const ALL: [Nemesis; 13] = [
     Nemesis::Slow,
     Nemesis::Flaky,
     Nemesis::CorruptWal,
+    Nemesis::Membership,
 ];
 
 /// Nemeses that exist but are not part of `all` / `short` / `long`.
-/// `membership` is out of `all` until joins work again on main (issue 8).
-pub const EXTRA: [Nemesis; 2] = [Nemesis::WalLoss, Nemesis::Membership];
+pub const EXTRA: [Nemesis; 1] = [Nemesis::WalLoss];
 
 impl Nemesis {
     pub fn name(self) -> &'static str {

@@ -7,6 +7,7 @@
 //! - [`meta`]: the meta group's state machine (node registry, placement);
 //! - [`api`]: the data API (propose, read, status, shard map);
 //! - [`bootstrap`]: which groups to start, and creating a new cluster;
+//! - [`shards`]: one supervised loop per hosted shard, as replicas come and go;
 //! - [`workers`], [`remote`]: leader-side loops (outbox fan-out, expiry ticks);
 //! - [`events`]: change events for `Watch` streams (router push);
 //! - [`presence`]: presence leases (soft state) and typing relay;
@@ -24,6 +25,7 @@ pub mod metrics;
 pub mod notifier;
 pub mod presence;
 pub mod remote;
+pub mod shards;
 pub mod workers;
 
 use anyhow::{Context, Result};
@@ -122,9 +124,13 @@ pub async fn run(mut cfg: config::Config) -> Result<()> {
         tracing::warn!("UNSAFE: --sync-mode unsafe-no-wal acknowledges writes that a crash loses (negative control only)");
     }
     bootstrap::start_groups(&host, &cfg).await?;
-    let mut workers = workers::spawn(host.clone(), events.clone(), stop_rx.clone());
+    let mut workers = vec![workers::spawn(
+        host.clone(),
+        events.clone(),
+        stop_rx.clone(),
+    )];
     workers.extend(presence.spawn(stop_rx.clone()));
-    workers.extend(notifier::spawn(
+    workers.push(notifier::spawn(
         host.clone(),
         events,
         presence,

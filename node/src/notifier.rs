@@ -42,7 +42,6 @@ use crate::api::{now_ms, stamp_query};
 use crate::events::Events;
 use crate::presence::Presence;
 use crate::remote::Remote;
-use crate::META_GROUP;
 
 /// Notifications of one shard being delivered at once, at most.
 pub const MAX_IN_FLIGHT: usize = 256;
@@ -120,7 +119,7 @@ pub fn spawn(
     presence: Arc<Presence>,
     webhook: Option<Webhook>,
     stop: watch::Receiver<bool>,
-) -> Result<Vec<JoinHandle<()>>> {
+) -> Result<JoinHandle<()>> {
     let http = reqwest::Client::builder()
         .timeout(
             webhook
@@ -142,43 +141,11 @@ pub fn spawn(
         http,
         posts: Semaphore::new(MAX_CONCURRENT_POSTS),
     });
-    Ok(host
-        .hosted()
-        .into_iter()
-        .filter(|g| *g != META_GROUP)
-        .map(|shard| {
-            let mut n = ShardNotifier::new(shared.clone(), shard);
-            let mut stop = stop.clone();
-            tokio::spawn(async move {
-                loop {
-                    if *stop.borrow() {
-                        n.forget();
-                        return;
-                    }
-                    let mut wake = IDLE_WAKE;
-                    if n.shared.host.is_leader(shard) {
-                        let since = *n.leader_since.get_or_insert_with(Instant::now);
-                        let lease = n.shared.presence.lease();
-                        if since.elapsed() >= lease {
-                            if let Err(e) = n.round().await {
-                                tracing::debug!(shard, "notifier round: {e:#}");
-                                wake = Duration::from_millis(200);
-                            }
-                        } else {
-                            wake = lease.saturating_sub(since.elapsed()).min(IDLE_WAKE);
-                        }
-                    } else {
-                        n.forget();
-                    }
-                    tokio::select! {
-                        _ = n.shared.host.wait_applied_change(shard, wake) => {}
-                        Some(d) = n.done_rx.recv() => n.finished(d),
-                        _ = stop.changed() => {}
-                    }
-                }
-            })
-        })
-        .collect())
+    Ok(crate::shards::spawn_per_shard(
+        host,
+        stop.clone(),
+        move |shard| ShardNotifier::new(shared.clone(), shard).run(stop.clone()),
+    ))
 }
 
 /// (user, conversation, seq).
@@ -200,6 +167,37 @@ struct ShardNotifier {
 }
 
 impl ShardNotifier {
+    /// The shard's loop, until `stop` or its replica leaves this node.
+    async fn run(mut self, mut stop: watch::Receiver<bool>) {
+        let shard = self.shard;
+        loop {
+            if *stop.borrow() || !self.shared.host.hosts(shard) {
+                self.forget();
+                return;
+            }
+            let mut wake = IDLE_WAKE;
+            if self.shared.host.is_leader(shard) {
+                let since = *self.leader_since.get_or_insert_with(Instant::now);
+                let lease = self.shared.presence.lease();
+                if since.elapsed() >= lease {
+                    if let Err(e) = self.round().await {
+                        tracing::debug!(shard, "notifier round: {e:#}");
+                        wake = Duration::from_millis(200);
+                    }
+                } else {
+                    wake = lease.saturating_sub(since.elapsed()).min(IDLE_WAKE);
+                }
+            } else {
+                self.forget();
+            }
+            tokio::select! {
+                _ = self.shared.host.wait_applied_change(shard, wake) => {}
+                Some(d) = self.done_rx.recv() => self.finished(d),
+                r = stop.changed() => if r.is_err() { self.forget(); return },
+            }
+        }
+    }
+
     fn new(shared: Arc<Shared>, shard: u32) -> Self {
         let (done_tx, done_rx) = mpsc::unbounded_channel();
         ShardNotifier {

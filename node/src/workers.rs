@@ -25,7 +25,6 @@ use tokio::task::JoinHandle;
 use crate::api::{now_ms, stamp_query};
 use crate::events::Events;
 use crate::remote::Remote;
-use crate::META_GROUP;
 
 /// Outbox rows read per query.
 const OUTBOX_BATCH: u32 = 256;
@@ -36,90 +35,20 @@ const ACK_BATCH: usize = 512;
 /// Longest sleep when nothing happens.
 const IDLE_WAKE: Duration = Duration::from_secs(1);
 
-pub fn spawn(
-    host: Arc<RaftHost>,
-    events: Events,
-    stop: watch::Receiver<bool>,
-) -> Vec<JoinHandle<()>> {
+pub fn spawn(host: Arc<RaftHost>, events: Events, stop: watch::Receiver<bool>) -> JoinHandle<()> {
     let remote = Arc::new(Remote::new(host.clone(), events));
-    let mut started: std::collections::BTreeSet<u32> = Default::default();
-    let mut out = spawn_new(&host, &remote, &stop, &mut started);
-    // Replicas moved onto this node later (issue 8) get their loop too.
-    let mut stop2 = stop.clone();
-    out.push(tokio::spawn(async move {
-        let mut tasks = Vec::new();
-        loop {
-            tokio::select! {
-                _ = tokio::time::sleep(IDLE_WAKE) => {}
-                _ = stop2.changed() => {}
-            }
-            if *stop2.borrow() {
-                for t in tasks {
-                    let t: JoinHandle<()> = t;
-                    t.abort();
-                }
-                return;
-            }
-            // A loop whose replica was removed ended: it may start again.
-            let hosted: std::collections::BTreeSet<u32> = host.hosted().into_iter().collect();
-            started.retain(|g| hosted.contains(g));
-            tasks.extend(spawn_new(&host, &remote, &stop, &mut started));
-            tasks.retain(|t| !t.is_finished());
-        }
-    }));
-    out
-}
-
-fn spawn_new(
-    host: &Arc<RaftHost>,
-    remote: &Arc<Remote>,
-    stop: &watch::Receiver<bool>,
-    started: &mut std::collections::BTreeSet<u32>,
-) -> Vec<JoinHandle<()>> {
-    let fresh: Vec<u32> = host
-        .hosted()
-        .into_iter()
-        .filter(|g| *g != META_GROUP && !started.contains(g))
-        .collect();
-    started.extend(fresh.iter().copied());
-    fresh
-        .into_iter()
-        .map(|shard| {
-            let mut w = ShardWorker {
-                host: host.clone(),
-                remote: remote.clone(),
-                shard,
-                delivered: HashMap::new(),
-                acks: Vec::new(),
-                acks_since: None,
-            };
-            let mut stop = stop.clone();
-            tokio::spawn(async move {
-                loop {
-                    if *stop.borrow() || !w.host.hosts(w.shard) {
-                        return;
-                    }
-                    if w.host.is_leader(w.shard) {
-                        if let Err(e) = w.round().await {
-                            tracing::debug!(shard = w.shard, "leader round: {e:#}");
-                            tokio::time::sleep(Duration::from_millis(200)).await;
-                        }
-                    } else {
-                        // Whoever leads now redelivers what was not acked.
-                        w.forget();
-                    }
-                    let wake = w
-                        .acks_since
-                        .map(|t| ACK_DELAY.saturating_sub(t.elapsed()))
-                        .unwrap_or(IDLE_WAKE);
-                    tokio::select! {
-                        _ = w.host.wait_applied_change(w.shard, wake) => {}
-                        _ = stop.changed() => {}
-                    }
-                }
-            })
-        })
-        .collect()
+    let h = host.clone();
+    crate::shards::spawn_per_shard(host, stop.clone(), move |shard| {
+        let w = ShardWorker {
+            host: h.clone(),
+            remote: remote.clone(),
+            shard,
+            delivered: HashMap::new(),
+            acks: Vec::new(),
+            acks_since: None,
+        };
+        w.run(stop.clone())
+    })
 }
 
 /// (kind, source id, user id): an outbox row's identity.
@@ -150,6 +79,32 @@ fn command(op: pb::command::Op) -> Vec<u8> {
 }
 
 impl ShardWorker {
+    /// The shard's loop, until `stop` or its replica leaves this node.
+    async fn run(mut self, mut stop: watch::Receiver<bool>) {
+        loop {
+            if *stop.borrow() || !self.host.hosts(self.shard) {
+                return;
+            }
+            if self.host.is_leader(self.shard) {
+                if let Err(e) = self.round().await {
+                    tracing::debug!(shard = self.shard, "leader round: {e:#}");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            } else {
+                // Whoever leads now redelivers what was not acked.
+                self.forget();
+            }
+            let wake = self
+                .acks_since
+                .map(|t| ACK_DELAY.saturating_sub(t.elapsed()))
+                .unwrap_or(IDLE_WAKE);
+            tokio::select! {
+                _ = self.host.wait_applied_change(self.shard, wake) => {}
+                r = stop.changed() => if r.is_err() { return },
+            }
+        }
+    }
+
     fn forget(&mut self) {
         self.delivered.clear();
         self.acks.clear();

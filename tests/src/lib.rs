@@ -396,6 +396,11 @@ impl Cluster {
 
 impl Drop for Cluster {
     fn drop(&mut self) {
+        // NATTER_KEEP_TEST_DIRS=1 keeps data dirs and node logs to debug a failure.
+        if std::env::var_os("NATTER_KEEP_TEST_DIRS").is_some() {
+            self.dir.disable_cleanup(true);
+            eprintln!("kept {}", self.dir.path().display());
+        }
         for n in self.nodes.values_mut() {
             if let Some(mut c) = n.child.take() {
                 let _ = c.kill();

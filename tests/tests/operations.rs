@@ -19,7 +19,6 @@ fn timing_args() -> Vec<String> {
 }
 
 #[tokio::test]
-#[ignore = "fails on main since the merge of membership with presence/notifications (joins not registered, Retire times out): issue 8, see the session note"]
 async fn growing_from_three_to_five_nodes_under_writes_spreads_replicas_and_leaders() {
     let mut c = Cluster::start(opts(6)).await.unwrap();
     let n = natter(&c);
@@ -64,7 +63,6 @@ async fn growing_from_three_to_five_nodes_under_writes_spreads_replicas_and_lead
 }
 
 #[tokio::test]
-#[ignore = "fails on main since the merge of membership with presence/notifications (joins not registered, Retire times out): issue 8, see the session note"]
 async fn draining_and_removing_a_node_under_writes_loses_nothing_and_it_stays_out() {
     let mut c = Cluster::start(opts(4)).await.unwrap();
     let joined = c.join_node(1, &timing_args()).await.unwrap();
