@@ -587,6 +587,24 @@ impl Client {
     }
 
     /// Friends, requests and blocks (every page).
+    /// Online and last seen of yourself and your friends among `user_ids`
+    /// (1-100; others are left out). While connected, the push stream then
+    /// delivers [`Event::Presence`] when they come online or go offline
+    /// (until it reconnects: call again after [`Event::Connected`]).
+    pub async fn presence(&self, user_ids: &[String]) -> Result<Vec<Presence>, Error> {
+        let req = cp::GetPresenceRequest {
+            user_ids: user_ids.to_vec(),
+        };
+        let r = self
+            .inner
+            .authed(move |mut api, t| {
+                let req = req.clone();
+                async move { api.get_presence(net::authed(&t, req)).await }
+            })
+            .await?;
+        Ok(r.users.into_iter().map(Presence::from).collect())
+    }
+
     pub async fn friends(&self) -> Result<Vec<Friend>, Error> {
         let mut out = Vec::new();
         let mut after = String::new();

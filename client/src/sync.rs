@@ -219,6 +219,7 @@ async fn stream(
                 conversation_id: t.conversation_id,
                 user_id: t.user_id,
             }),
+            E::Presence(p) => inner.emit(Event::Presence(p.into())),
             E::SessionEnded(s) => return Ok(End::Session(s.reason)),
             E::Reconnect(r) => {
                 return Ok(End::Retry {

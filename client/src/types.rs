@@ -220,6 +220,25 @@ impl From<cp::Friend> for Friend {
     }
 }
 
+/// Online and last seen of a user (yourself or a friend).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Presence {
+    pub user_id: String,
+    pub online: bool,
+    /// When the user was last online (ms since the epoch; 0 = unknown).
+    pub last_seen_ms: u64,
+}
+
+impl From<cp::Presence> for Presence {
+    fn from(p: cp::Presence) -> Presence {
+        Presence {
+            user_id: p.user_id,
+            online: p.online,
+            last_seen_ms: p.last_seen_ms,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PendingMessage {
     pub conversation_id: String,
@@ -258,6 +277,9 @@ pub enum Event {
         conversation_id: String,
         user_id: String,
     },
+    /// A user followed with [`crate::Client::presence`] came online or
+    /// went offline.
+    Presence(Presence),
     /// A queued message was acknowledged by the cluster.
     Sent {
         client_msg_id: String,

@@ -127,8 +127,17 @@ pub fn event(p: Push) -> cp::Event {
             reason: reason.unwrap_or_else(|| "session ended".into()),
         }),
         Push::Reconnect { reason } => E::Reconnect(cp::Reconnect { reason }),
+        Push::Presence(p) => E::Presence(presence(p)),
     };
     cp::Event { event: Some(e) }
+}
+
+fn presence(p: natter_proto::cluster::UserPresence) -> cp::Presence {
+    cp::Presence {
+        user_id: p.user_id,
+        online: p.online,
+        last_seen_ms: p.last_seen_ms,
+    }
 }
 
 fn token(md: &MetadataMap) -> Result<String, ApiError> {
@@ -506,6 +515,33 @@ impl Natter for Api {
             .typing_for_session(&s.token_hash, &c)
             .map_err(|e| status(&e))?;
         Ok(Response::new(cp::Empty {}))
+    }
+
+    async fn get_presence(
+        &self,
+        req: GrpcRequest<cp::GetPresenceRequest>,
+    ) -> Result<Response<cp::GetPresenceReply>, Status> {
+        let s = self.session(req.metadata()).await?;
+        let ids = req.into_inner().user_ids;
+        // The session's stream here, if any, follows them.
+        let dev = self.state.hub.session_device(&s.token_hash);
+        let deadline = Instant::now() + self.state.config.request_timeout;
+        let users = self
+            .state
+            .hub
+            .presence
+            .get(
+                &self.state.cluster,
+                &s.user_id,
+                dev.as_ref().map(|d| (d.id, &d.out)),
+                ids,
+                deadline,
+            )
+            .await
+            .map_err(|e| status(&e))?;
+        Ok(Response::new(cp::GetPresenceReply {
+            users: users.into_iter().map(presence).collect(),
+        }))
     }
 
     async fn send(

@@ -66,7 +66,8 @@ pub struct Presence {
     lease_ms: AtomicU64,
 }
 
-fn presence_json(p: &UserPresence) -> Value {
+/// A presence as the WebSocket protocol writes it.
+pub fn presence_json(p: &UserPresence) -> Value {
     json!({"user_id": p.user_id, "online": p.online, "last_seen_ms": p.last_seen_ms})
 }
 
@@ -223,17 +224,17 @@ impl Presence {
     }
 
     /// `get_presence`: the caller and their friends among `user_ids`
-    /// (others are left out, like unknown users), and a subscription to
+    /// (others are left out, like unknown users), and, given a connection
+    /// (`follower`: device id, its outbound queue), a subscription of it to
     /// their changes.
     pub async fn get(
         &self,
         cluster: &Cluster,
         me: &str,
-        dev: u64,
-        out: &Arc<Outbound>,
+        follower: Option<(u64, &Arc<Outbound>)>,
         user_ids: Vec<String>,
         deadline: Instant,
-    ) -> Result<Value, ApiError> {
+    ) -> Result<Vec<UserPresence>, ApiError> {
         if user_ids.len() > MAX_PRESENCE_IDS {
             return Err(ApiError::Model {
                 code: pb::ErrorCode::LimitExceeded,
@@ -284,7 +285,9 @@ impl Presence {
                 .or_default()
                 .push(u.clone());
         }
-        self.subscribe(dev, out, &visible)?;
+        if let Some((dev, out)) = follower {
+            self.subscribe(dev, out, &visible)?;
+        }
         let mut users = Vec::new();
         for (shard, ids) in by_shard {
             let got = leader_call(cluster, shard, deadline, |mut c| {
@@ -301,9 +304,9 @@ impl Presence {
                 }
             })
             .await?;
-            users.extend(got.iter().map(presence_json));
+            users.extend(got);
         }
-        Ok(json!({ "users": users }))
+        Ok(users)
     }
 
     fn subscribe(&self, dev: u64, out: &Arc<Outbound>, users: &[String]) -> Result<(), ApiError> {
@@ -341,14 +344,9 @@ impl Presence {
             let Some(devs) = s.by_user.get(&p.user_id) else {
                 continue;
             };
-            let mut v = presence_json(p);
-            if let Some(m) = v.as_object_mut() {
-                m.insert("v".into(), json!(1));
-                m.insert("event".into(), json!("presence"));
-            }
             for d in devs {
                 if let Some((out, _)) = s.by_dev.get(d) {
-                    out.send_json(&v);
+                    out.push(crate::push::Push::Presence(p.clone()));
                 }
             }
         }

@@ -173,6 +173,8 @@ pub enum Push {
     Reconnect {
         reason: String,
     },
+    /// A followed user came online or went offline.
+    Presence(natter_proto::cluster::UserPresence),
 }
 
 impl Push {
@@ -228,6 +230,10 @@ impl Push {
                 "reconnect",
                 Map::from_iter([("reason".to_string(), json!(reason))]),
             ),
+            Push::Presence(p) => match crate::presence::presence_json(p) {
+                Value::Object(m) => event("presence", m),
+                _ => event("presence", Map::new()),
+            },
         }
     }
 }
@@ -424,6 +430,14 @@ impl Hub {
                 "conversation not found (open a Subscribe stream first to track your conversations)",
             )),
         }
+    }
+
+    /// A device of this session connected here (any, for calls made beside
+    /// a gRPC Subscribe stream).
+    pub fn session_device(&self, token_hash: &[u8; 32]) -> Option<Arc<Device>> {
+        let ix = self.index.lock().ok()?;
+        let id = ix.by_token.get(token_hash)?.iter().next()?;
+        ix.devices.get(id).cloned()
     }
 
     /// Applies one Watch event: marks what changed dirty on the devices

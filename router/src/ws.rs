@@ -21,6 +21,7 @@ use crate::conn::{close, Closer, Frame, Outbound};
 use crate::error::ApiError;
 use crate::frame::{bad, parse_frame, BadFrame, Parsed};
 use crate::ops::{Ops, Request};
+use crate::presence::presence_json;
 use crate::push::{Device, Resume};
 use crate::AppState;
 
@@ -309,14 +310,16 @@ async fn handle_text(
                     .get(
                         &state.cluster,
                         &dev.user_id,
-                        dev.id,
-                        &out,
+                        Some((dev.id, &out)),
                         user_ids,
                         deadline,
                     )
                     .await;
                 let reply = match r {
-                    Ok(ok) => reply_ok(&id, ok),
+                    Ok(users) => {
+                        let users: Vec<_> = users.iter().map(presence_json).collect();
+                        reply_ok(&id, json!({ "users": users }))
+                    }
                     Err(e) => reply_err(&id, e.code(), &e.to_string()),
                 };
                 out.reply(&reply, permit);

@@ -889,3 +889,90 @@ async fn missing_forged_expired_and_revoked_tokens_are_refused_and_slow_streams_
     }
     assert!(resync, "no resync event");
 }
+
+/// Waits on `s` for a presence event of `user` with `online`.
+async fn presence_event(
+    s: &mut tonic::Streaming<cp::Event>,
+    user: &str,
+    online: bool,
+) -> cp::Presence {
+    let deadline = Instant::now() + T;
+    loop {
+        assert!(
+            Instant::now() < deadline,
+            "no presence event ({user}, {online})"
+        );
+        if let Some(E::Presence(p)) = next_event(s, T).await.expect("event") {
+            if p.user_id == user && p.online == online {
+                return p;
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn presence_over_grpc_is_friends_only_and_pushed_across_routers() {
+    let c = Cluster::start(ClusterOpts::default()).await.unwrap();
+    let r1 = router(&c, "router1", &[]).await;
+    let r2 = router(&c, "router2", &[]).await;
+    let mut a1 = api(&r1.addr).await.unwrap();
+    let mut a2 = api(&r2.addr).await.unwrap();
+    let (alice, ta) = account(&mut a1, "alice", PW).await.unwrap();
+    let (bob, tb) = account(&mut a2, "bob", PW).await.unwrap();
+    let (carol, _tc) = account(&mut a1, "carol", PW).await.unwrap();
+    let user = |id: &str| cp::UserRef {
+        user_id: id.to_string(),
+    };
+    a1.friend_request(authed(&ta, user(&bob))).await.unwrap();
+    a2.friend_accept(authed(&tb, user(&alice))).await.unwrap();
+
+    // Alice's stream on router 1 follows Bob (offline) and herself; Carol,
+    // not a friend, is left out like an unknown id.
+    let mut s = subscribe(&mut a1, &ta, 0, HashMap::new()).await;
+    let ask = |ids: Vec<String>| cp::GetPresenceRequest { user_ids: ids };
+    let got = a1
+        .get_presence(authed(
+            &ta,
+            ask(vec![bob.clone(), carol.clone(), alice.clone()]),
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .users;
+    let mut ids: Vec<&str> = got.iter().map(|p| p.user_id.as_str()).collect();
+    ids.sort();
+    let mut want = vec![alice.as_str(), bob.as_str()];
+    want.sort();
+    assert_eq!(ids, want, "{got:?}");
+    let b = got.iter().find(|p| p.user_id == bob).unwrap();
+    assert!(!b.online, "{b:?}");
+
+    // Bob connects on router 2: Alice's stream hears it; he leaves: she
+    // hears that too, with when he was last seen.
+    let bs = subscribe(&mut a2, &tb, 0, HashMap::new()).await;
+    presence_event(&mut s, &bob, true).await;
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    drop(bs);
+    let off = presence_event(&mut s, &bob, false).await;
+    assert!(off.last_seen_ms + 60_000 > now_ms, "{off:?}");
+    let again = a1
+        .get_presence(authed(&ta, ask(vec![bob.clone()])))
+        .await
+        .unwrap()
+        .into_inner()
+        .users;
+    assert_eq!(again.len(), 1);
+    assert!(!again[0].online && again[0].last_seen_ms > 0, "{again:?}");
+
+    // Bad input and no token are refused with clear codes.
+    let bad = a1.get_presence(authed(&ta, ask(vec!["nope".into()]))).await;
+    assert_eq!(code_of(bad).0, Code::InvalidArgument);
+    let many = (0..101).map(|_| bob.clone()).collect();
+    let too_many = a1.get_presence(authed(&ta, ask(many))).await;
+    assert_eq!(code_of(too_many).1, "limit_exceeded");
+    let anon = a1.get_presence(ask(vec![bob.clone()])).await;
+    assert_eq!(code_of(anon).0, Code::Unauthenticated);
+}
