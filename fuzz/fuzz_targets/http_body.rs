@@ -14,7 +14,10 @@ fuzz_target!(|data: &[u8]| {
                 .bytes()
                 .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'.'));
             // Normalizing is idempotent.
-            assert_eq!(normalize_username(&name).ok().as_deref(), Some(name.as_str()));
+            assert_eq!(
+                normalize_username(&name).ok().as_deref(),
+                Some(name.as_str())
+            );
         }
         let _ = check_password(&c.password);
     }

@@ -17,7 +17,9 @@ fuzz_target!(|data: &[u8]| {
     if let Ok(t) = std::str::from_utf8(data) {
         if token_hash(t).is_ok() {
             assert_eq!(t.len(), 43);
-            assert!(t.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'));
+            assert!(t
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'));
         }
     }
 });

@@ -405,7 +405,7 @@ fn query_map(
 
 /// A client file name made safe to keep: no path, no control characters,
 /// at most [`MAX_NAME_BYTES`].
-fn clean_name(n: &str) -> String {
+pub fn clean_name(n: &str) -> String {
     let base = n.rsplit(['/', '\\']).next().unwrap_or("");
     let mut out = String::new();
     for c in base.chars().filter(|c| !c.is_control()) {
@@ -441,16 +441,22 @@ impl Drop for Spool {
     }
 }
 
-/// `POST /v1/media?conversation_id=&name=` with the raw bytes as the body.
-async fn upload(
-    State(st): State<Arc<AppState>>,
-    headers: HeaderMap,
-    query: Result<Query<HashMap<String, String>>, QueryRejection>,
-    body: Body,
-) -> Result<Response, MediaError> {
-    let media =
-        installed().ok_or_else(|| ApiError::Unavailable("media is not configured".into()))?;
-    let q = query_map(query)?;
+/// What an upload's query and headers say, checked before authenticating
+/// or reading the body.
+#[derive(Debug)]
+pub struct UploadParams {
+    pub conv: String,
+    /// The client's file name, made safe ([`MAX_NAME_BYTES`], no path).
+    pub name: String,
+}
+
+/// Checks an upload's query (`conversation_id`, `name?`, nothing else) and
+/// declared `Content-Length` against `limit`.
+pub fn upload_params(
+    q: &HashMap<String, String>,
+    content_length: Option<&str>,
+    limit: u64,
+) -> Result<UploadParams, MediaError> {
     let conv = q
         .get("conversation_id")
         .ok_or_else(|| ApiError::invalid("conversation_id is required"))?
@@ -462,17 +468,64 @@ async fn upload(
     {
         return Err(ApiError::invalid(format!("unknown parameter {k:?}")).into());
     }
-    let limit = media.max_upload_bytes;
-    // Refuse a declared oversize before authenticating or reading.
-    if let Some(len) = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok())
-    {
+    if let Some(len) = content_length.and_then(|v| v.trim().parse::<u64>().ok()) {
         if len > limit {
             return Err(MediaError::TooLarge(limit));
         }
     }
+    Ok(UploadParams { conv, name })
+}
+
+/// How a download asks for its object: the thumbnail or the file, and a
+/// signed URL's `exp` and `sig` (else a bearer token is needed).
+#[derive(Debug, PartialEq)]
+pub struct DownloadQuery {
+    pub thumb: bool,
+    pub signed: Option<(u64, String)>,
+}
+
+/// Checks a download's query: `thumb?` (1 or 0), `exp` and `sig` together.
+pub fn download_query(q: &HashMap<String, String>) -> Result<DownloadQuery, ApiError> {
+    let thumb = match q.get("thumb").map(String::as_str) {
+        None | Some("0") | Some("") => false,
+        Some("1") => true,
+        Some(_) => return Err(ApiError::invalid("thumb must be 1 or 0")),
+    };
+    let signed = match (q.get("sig"), q.get("exp")) {
+        (Some(sig), Some(exp)) => {
+            let exp: u64 = exp
+                .parse()
+                .map_err(|_| ApiError::Unauthenticated("bad exp".into()))?;
+            Some((exp, sig.clone()))
+        }
+        (None, None) => None,
+        _ => {
+            return Err(ApiError::Unauthenticated(
+                "a signed URL needs exp and sig".into(),
+            ))
+        }
+    };
+    Ok(DownloadQuery { thumb, signed })
+}
+
+/// `POST /v1/media?conversation_id=&name=` with the raw bytes as the body.
+async fn upload(
+    State(st): State<Arc<AppState>>,
+    headers: HeaderMap,
+    query: Result<Query<HashMap<String, String>>, QueryRejection>,
+    body: Body,
+) -> Result<Response, MediaError> {
+    let media =
+        installed().ok_or_else(|| ApiError::Unavailable("media is not configured".into()))?;
+    let q = query_map(query)?;
+    let limit = media.max_upload_bytes;
+    let UploadParams { conv, name } = upload_params(
+        &q,
+        headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()),
+        limit,
+    )?;
     let user = member(&st, &headers, &conv).await?;
     if !is_uuid(&conv) {
         return Err(conversation_not_found().into());
@@ -687,7 +740,8 @@ pub fn parse_range(h: Option<&str>, size: u64) -> RangeReq {
     RangeReq::Part(start, end)
 }
 
-fn etag_matches(h: Option<&str>, etag: &str) -> bool {
+/// Whether an `If-None-Match` header names `etag` (or `*`).
+pub fn etag_matches(h: Option<&str>, etag: &str) -> bool {
     let Some(h) = h else {
         return false;
     };
@@ -708,25 +762,18 @@ async fn download(
     let media =
         installed().ok_or_else(|| ApiError::Unavailable("media is not configured".into()))?;
     let q = query_map(query)?;
-    let thumb = match q.get("thumb").map(String::as_str) {
-        None | Some("0") | Some("") => false,
-        Some("1") => true,
-        Some(_) => return Err(ApiError::invalid("thumb must be 1 or 0").into()),
-    };
-    let signed = match (q.get("sig"), q.get("exp")) {
-        (Some(sig), Some(exp)) => {
-            let exp: u64 = exp
-                .parse()
-                .map_err(|_| ApiError::Unauthenticated("bad exp".into()))?;
+    let DownloadQuery { thumb, signed } = download_query(&q)?;
+    let signed = match signed {
+        Some((exp, sig)) => {
             if exp.saturating_mul(1000) <= now_ms() {
                 return Err(ApiError::Unauthenticated("this media URL has expired".into()).into());
             }
-            if !media.verify(&conv, &object, thumb, exp, sig) {
+            if !media.verify(&conv, &object, thumb, exp, &sig) {
                 return Err(ApiError::Unauthenticated("bad media URL signature".into()).into());
             }
             true
         }
-        (None, None) => {
+        None => {
             if !is_uuid(&conv) {
                 // Say the same as for a conversation one can't see.
                 bearer(&headers)?.ok_or_else(|| {
@@ -743,7 +790,6 @@ async fn download(
             member(&st, &headers, &conv).await?;
             false
         }
-        _ => return Err(ApiError::Unauthenticated("a signed URL needs exp and sig".into()).into()),
     };
     if !is_uuid(&conv) || !is_sha(&object) {
         return Err(MediaError::NotFound);
