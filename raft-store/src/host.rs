@@ -109,6 +109,8 @@ pub struct GroupStatus {
 struct Group {
     raft: Raft,
     sm: SmStore,
+    /// Linearizable reads share leadership confirmations.
+    reads: Arc<crate::read_index::ReadIndex>,
     /// Set while leadership is being handed to this (id, address).
     handing_off: Arc<std::sync::Mutex<Option<(NodeId, String)>>>,
 }
@@ -325,6 +327,7 @@ impl RaftHost {
             .or_insert(Group {
                 raft,
                 sm,
+                reads: Default::default(),
                 handing_off: Default::default(),
             });
         Ok(())
@@ -412,14 +415,26 @@ impl RaftHost {
     ) -> Result<(Vec<u8>, u64), Error> {
         let g = self.group(group)?;
         if consistency == Consistency::Linearizable {
-            if let Err(e) = g.raft.ensure_linearizable().await {
-                return Err(match e {
-                    RaftError::APIError(openraft::error::CheckIsLeaderError::ForwardToLeader(
-                        f,
-                    )) => not_leader::<()>(group, f.leader_id.map(|id| (id, f.leader_node))),
-                    other => Error::Raft(format!("group {group}: {other}")),
-                });
-            }
+            let raft = g.raft.clone();
+            g.reads
+                .confirm(move || {
+                    let raft = raft.clone();
+                    async move {
+                        raft.ensure_linearizable()
+                            .await
+                            .map(|_| ())
+                            .map_err(|e| match e {
+                                RaftError::APIError(
+                                    openraft::error::CheckIsLeaderError::ForwardToLeader(f),
+                                ) => not_leader::<()>(
+                                    group,
+                                    f.leader_id.map(|id| (id, f.leader_node)),
+                                ),
+                                other => Error::Raft(format!("group {group}: {other}")),
+                            })
+                    }
+                })
+                .await?;
         }
         let applied = g
             .raft

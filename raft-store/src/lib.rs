@@ -22,6 +22,7 @@ pub mod host;
 pub mod kv_view;
 pub mod log_store;
 pub mod network;
+pub mod read_index;
 pub mod service;
 pub mod sm_store;
 mod types;
