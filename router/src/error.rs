@@ -121,6 +121,19 @@ impl ApiError {
     }
 }
 
+/// At most `max` bytes of `s`, cut at a character boundary (client text
+/// echoed in error messages and keys may be any UTF-8).
+pub fn clip(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
 /// Turns a model `Error` response into an [`ApiError`].
 pub fn check(r: R) -> Result<R, ApiError> {
     match r {

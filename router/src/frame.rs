@@ -156,6 +156,9 @@ pub fn validate(req: &Request) -> Result<(), ApiError> {
     }
 }
 
+/// Bytes of a parser's message quoted in an error.
+const MAX_ERROR_DETAIL: usize = 200;
+
 /// The body of `/v1/register` and `/v1/login`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -169,9 +172,12 @@ pub struct Credentials {
 /// Parses a register/login body (strict JSON, no unknown fields).
 pub fn parse_credentials(body: &[u8]) -> Result<Credentials, ApiError> {
     serde_json::from_slice(body).map_err(|e| {
-        let mut m = e.to_string();
-        m.truncate(200);
-        ApiError::invalid(format!("bad request body: {m}"))
+        // The message may quote the client's text: cut it at a character.
+        let m = e.to_string();
+        ApiError::invalid(format!(
+            "bad request body: {}",
+            crate::error::clip(&m, MAX_ERROR_DETAIL)
+        ))
     })
 }
 
@@ -202,6 +208,20 @@ pub fn query_token(query: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Found by the `http_body` fuzz target: a parser message quoting
+    /// multi-byte text was cut inside a character (a panic).
+    #[test]
+    fn a_bad_body_quoting_multibyte_text_is_refused_not_a_panic() {
+        for pad in 0..4 {
+            let body = format!(r#"{{"{}{}": 1}}"#, "x".repeat(pad), "é".repeat(150));
+            let e = parse_credentials(body.as_bytes()).unwrap_err();
+            assert_eq!(e.code(), "invalid_argument");
+            assert!(e.to_string().len() < 300, "{e}");
+        }
+        let crash = include_bytes!("../../fuzz/regressions/http_body-7e77f5bd.bin");
+        assert!(parse_credentials(crash).is_err());
+    }
 
     fn code(text: &str) -> &'static str {
         match parse_frame(text, 1024) {

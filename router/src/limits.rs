@@ -358,15 +358,7 @@ fn refuse(what: &str, limit: &'static str, wait: Duration) -> ApiError {
 /// username, bounded in size (invalid names are keyed too, so probing them
 /// is limited the same way).
 fn user_key(username: &str) -> String {
-    let mut k = username.trim().to_ascii_lowercase();
-    if k.len() > 64 {
-        let mut end = 64;
-        while !k.is_char_boundary(end) {
-            end -= 1;
-        }
-        k.truncate(end);
-    }
-    k
+    crate::error::clip(&username.trim().to_ascii_lowercase(), 64).to_string()
 }
 
 impl Limits {
