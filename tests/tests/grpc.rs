@@ -215,11 +215,21 @@ async fn every_operation_over_grpc_with_push_resume_and_mapped_errors() {
         .friendship
         .unwrap();
     assert_eq!(f.relation, pb::FriendRelation::Friend as i32);
-    let l = a1
-        .list_friends(authed(&ta, cp::ListFriendsRequest::default()))
-        .await
-        .unwrap()
-        .into_inner();
+    // The friend list follows the friendship through the durable outbox
+    // (within milliseconds, not in the same commit).
+    let deadline = Instant::now() + T;
+    let l = loop {
+        let l = a1
+            .list_friends(authed(&ta, cp::ListFriendsRequest::default()))
+            .await
+            .unwrap()
+            .into_inner();
+        if l.friends.first().map(|f| f.relation) == Some(pb::FriendRelation::Friend as i32) {
+            break l;
+        }
+        assert!(Instant::now() < deadline, "{l:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
     assert_eq!(l.friends.len(), 1);
     assert_eq!(l.friends[0].user_id, bob);
 

@@ -566,10 +566,15 @@ async fn garbage_frames_and_a_client_that_never_reads_leave_other_users_unharmed
     assert_eq!(m3.until_closed(T).await.unwrap().0, Some(1007));
     let mut m4 = Client::connect(&r.addr, &tm).await.unwrap();
     let huge = json!({"v": 1, "id": 1, "op": "ping", "pad": "x".repeat(2 << 20)});
-    m4.send_raw(Message::Text(huge.to_string().into()))
-        .await
-        .unwrap();
-    assert_eq!(m4.until_closed(T).await.unwrap().0, Some(1009));
+    let sent = m4.send_raw(Message::Text(huge.to_string().into())).await;
+    let code = m4.until_closed(T).await.unwrap().0;
+    // The router may close as soon as the frame's header announces its size,
+    // while the client is still writing it: then the client sees a reset
+    // instead of the close frame. Either way the connection is closed.
+    assert!(
+        code == Some(1009) || (sent.is_err() && code.is_none()),
+        "{code:?} {sent:?}"
+    );
 
     // Typing reaches the other member (same router).
     a.call("typing", json!({"conversation_id": conv}))
@@ -821,9 +826,20 @@ async fn every_operation_answers_as_documented_and_group_changes_are_pushed() {
         .await
         .unwrap();
     assert_eq!(fr["friendship"]["relation"], "friend");
-    let list = b.call("list_friends", json!({})).await.unwrap();
+    // The friend list (on each user's shard) follows the friendship
+    // through the durable outbox: within milliseconds, not in the same
+    // commit. Clients re-read it on the `friends` event.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let list = loop {
+        let list = b.call("list_friends", json!({})).await.unwrap();
+        if list["friends"][0]["relation"] == "friend" {
+            break list;
+        }
+        assert!(Instant::now() < deadline, "{list}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
     assert_eq!(list["friends"][0]["user_id"], json!(alice));
-    assert_eq!(list["friends"][0]["relation"], "friend");
+    assert_eq!(list["friends"].as_array().map(Vec::len), Some(1));
     event_where(&mut b, &mut bs, |e| e["event"] == "friends").await;
 
     // A group: create, rename, roles, members; Bob gets each change pushed.
