@@ -66,9 +66,18 @@ pub struct Presence {
     lease_ms: AtomicU64,
 }
 
+/// A presence's fields as the WebSocket protocol writes them.
+pub fn presence_fields(p: &UserPresence) -> serde_json::Map<String, Value> {
+    serde_json::Map::from_iter([
+        ("user_id".to_string(), json!(p.user_id)),
+        ("online".to_string(), json!(p.online)),
+        ("last_seen_ms".to_string(), json!(p.last_seen_ms)),
+    ])
+}
+
 /// A presence as the WebSocket protocol writes it.
 pub fn presence_json(p: &UserPresence) -> Value {
-    json!({"user_id": p.user_id, "online": p.online, "last_seen_ms": p.last_seen_ms})
+    Value::Object(presence_fields(p))
 }
 
 /// Calls a shard's leader: the cached leader, then its replicas, following

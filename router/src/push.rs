@@ -230,10 +230,7 @@ impl Push {
                 "reconnect",
                 Map::from_iter([("reason".to_string(), json!(reason))]),
             ),
-            Push::Presence(p) => match crate::presence::presence_json(p) {
-                Value::Object(m) => event("presence", m),
-                _ => event("presence", Map::new()),
-            },
+            Push::Presence(p) => event("presence", crate::presence::presence_fields(p)),
         }
     }
 }

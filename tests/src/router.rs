@@ -251,6 +251,44 @@ pub async fn login(addr: &str, username: &str, password: &str, device: &str) -> 
     Ok(v["token"].as_str().unwrap_or_default().to_string())
 }
 
+/// Two users who became friends: `a` registered on router `ra` and logged
+/// in as "laptop", `b` on `rb` as "phone", both connected and resumed.
+/// Answers (a's client, b's client, a's id, b's id, a's token, b's token).
+pub async fn friends(
+    ra: &str,
+    rb: &str,
+    a: &str,
+    b: &str,
+    password: &str,
+) -> Result<(Client, Client, String, String, String, String)> {
+    let ida = register(ra, a, password).await?;
+    let idb = register(rb, b, password).await?;
+    let ta = login(ra, a, password, "laptop").await?;
+    let tb = login(rb, b, password, "phone").await?;
+    let mut ca = Client::connect(ra, &ta).await?;
+    let mut cb = Client::connect(rb, &tb).await?;
+    ca.call("resume", json!({})).await?;
+    cb.call("resume", json!({})).await?;
+    let f = ca.call("friend_request", json!({"user_id": idb})).await?;
+    if f["friendship"]["relation"] != "outgoing" {
+        bail!("friend_request answered {f}");
+    }
+    let f = cb.call("friend_accept", json!({"user_id": ida})).await?;
+    if f["friendship"]["relation"] != "friend" {
+        bail!("friend_accept answered {f}");
+    }
+    Ok((ca, cb, ida, idb, ta, tb))
+}
+
+/// The direct conversation of `c`'s user with `other` (a friend).
+pub async fn direct_with(c: &mut Client, other: &str) -> Result<String> {
+    let r = c.call("create_direct", json!({"user_id": other})).await?;
+    r["conversation"]["id"]
+        .as_str()
+        .map(str::to_string)
+        .ok_or_else(|| anyhow!("create_direct answered {r}"))
+}
+
 /// How a WebSocket presents its token.
 #[derive(Clone, Copy)]
 pub enum Auth<'a> {
@@ -435,6 +473,15 @@ pub struct Synced {
 }
 
 impl Synced {
+    /// Texts of `conv` received live from position `from` of `received` on.
+    pub fn received_since(&self, from: usize, conv: &str) -> Vec<&str> {
+        self.received[from..]
+            .iter()
+            .filter(|(c, _)| c == conv)
+            .map(|(_, t)| t.as_str())
+            .collect()
+    }
+
     /// Tokens for `resume`.
     pub fn resume_params(&self) -> Value {
         let convs: serde_json::Map<String, Value> = self

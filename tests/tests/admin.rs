@@ -1,21 +1,12 @@
 //! `natter-admin` against a real cluster: status (human and JSON), a node
 //! going down, and a leadership hand-off.
 
-use std::process::Command;
+use natter_tests::{Cluster, ClusterOpts};
 
-use natter_tests::{bin, Cluster, ClusterOpts};
-
+/// `natter-admin --node NODE ARGS`: (exit code, stdout).
 fn admin(node: &str, args: &[&str]) -> (i32, String) {
-    let out = Command::new(bin("natter-admin"))
-        .arg("--node")
-        .arg(node)
-        .args(args)
-        .output()
-        .expect("run natter-admin");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).to_string(),
-    )
+    let (code, out, _) = natter_tests::ops::admin(node, args);
+    (code, out)
 }
 
 #[tokio::test]

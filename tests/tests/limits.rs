@@ -16,7 +16,7 @@ use std::collections::BTreeMap;
 
 use anyhow::{anyhow, Context, Result};
 use natter_tests::router::{
-    http, login, register, sync_until, ws_connect, Auth, Client, RouterProc, Synced, T,
+    direct_with, friends, http, login, sync_until, ws_connect, Auth, Client, RouterProc, Synced, T,
 };
 use natter_tests::{Cluster, ClusterOpts};
 use serde_json::{json, Value};
@@ -84,27 +84,8 @@ fn send(conv: &str, cmid: &str, text: &str) -> Value {
 
 /// Two friends on `r` with a direct conversation, both resumed.
 async fn pair(r: &RouterProc, a: &str, b: &str) -> (Client, Client, String, String, String) {
-    let ida = register(&r.addr, a, PW).await.unwrap();
-    let idb = register(&r.addr, b, PW).await.unwrap();
-    let ta = login(&r.addr, a, PW, "laptop").await.unwrap();
-    let tb = login(&r.addr, b, PW, "phone").await.unwrap();
-    let mut ca = Client::connect(&r.addr, &ta).await.unwrap();
-    let mut cb = Client::connect(&r.addr, &tb).await.unwrap();
-    ca.call("resume", json!({})).await.unwrap();
-    cb.call("resume", json!({})).await.unwrap();
-    ca.call("friend_request", json!({"user_id": idb}))
-        .await
-        .unwrap();
-    cb.call("friend_accept", json!({"user_id": ida}))
-        .await
-        .unwrap();
-    let conv = ca
-        .call("create_direct", json!({"user_id": idb}))
-        .await
-        .unwrap()["conversation"]["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let (mut ca, cb, _, idb, ta, tb) = friends(&r.addr, &r.addr, a, b, PW).await.unwrap();
+    let conv = direct_with(&mut ca, &idb).await.unwrap();
     (ca, cb, conv, ta, tb)
 }
 

@@ -54,27 +54,13 @@ async fn friends(
     ra: &RouterProc,
     rb: &RouterProc,
 ) -> (Client, Client, String, String, String, String) {
-    let ida = register(&ra.addr, "alice", PW).await.unwrap();
-    let idb = register(&rb.addr, "bob", PW).await.unwrap();
-    let ta = login(&ra.addr, "alice", PW, "laptop").await.unwrap();
-    let tb = login(&rb.addr, "bob", PW, "phone").await.unwrap();
-    let mut a = Client::connect(&ra.addr, &ta).await.unwrap();
-    let mut b = Client::connect(&rb.addr, &tb).await.unwrap();
-    a.call("resume", json!({})).await.unwrap();
-    b.call("resume", json!({})).await.unwrap();
-    a.call("friend_request", json!({"user_id": idb}))
+    let (mut a, b, ida, idb, _, tb) =
+        natter_tests::router::friends(&ra.addr, &rb.addr, "alice", "bob", PW)
+            .await
+            .unwrap();
+    let conv = natter_tests::router::direct_with(&mut a, &idb)
         .await
         .unwrap();
-    b.call("friend_accept", json!({"user_id": ida}))
-        .await
-        .unwrap();
-    let conv = a
-        .call("create_direct", json!({"user_id": idb}))
-        .await
-        .unwrap()["conversation"]["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
     (a, b, ida, idb, tb, conv)
 }
 
@@ -276,11 +262,7 @@ async fn offline_users_get_exactly_one_signed_webhook_per_message_and_online_one
     sync_until(&mut b, &mut bs, T, |s| s.texts(&conv).len() == 7)
         .await
         .unwrap();
-    let got: Vec<&str> = bs.received[seen..]
-        .iter()
-        .filter(|(c, _)| *c == conv)
-        .map(|(_, t)| t.as_str())
-        .collect();
+    let got = bs.received_since(seen, &conv);
     assert_eq!(got, ["m2", "m3", "m4", "m5", "m6", "m7"]);
     // Online again: m7 is not notified.
     in_feed(&natter, &idb, &conv, s7).await;

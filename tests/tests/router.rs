@@ -36,32 +36,16 @@ fn id_of(v: &Value, path: &[&str]) -> String {
         .to_string()
 }
 
-/// Two users who are friends, each connected to a router and resumed.
+/// Alice and Bob, friends (see `natter_tests::router::friends`).
 async fn friends(
     ra: &RouterProc,
     rb: &RouterProc,
     a: &str,
     b: &str,
 ) -> (Client, Client, String, String, String, String) {
-    let ida = register(&ra.addr, a, PW).await.unwrap();
-    let idb = register(&rb.addr, b, PW).await.unwrap();
-    let ta = login(&ra.addr, a, PW, "laptop").await.unwrap();
-    let tb = login(&rb.addr, b, PW, "phone").await.unwrap();
-    let mut ca = Client::connect(&ra.addr, &ta).await.unwrap();
-    let mut cb = Client::connect(&rb.addr, &tb).await.unwrap();
-    ca.call("resume", json!({})).await.unwrap();
-    cb.call("resume", json!({})).await.unwrap();
-    let f = ca
-        .call("friend_request", json!({"user_id": idb}))
+    natter_tests::router::friends(&ra.addr, &rb.addr, a, b, PW)
         .await
-        .unwrap();
-    assert_eq!(f["friendship"]["relation"], "outgoing");
-    let f = cb
-        .call("friend_accept", json!({"user_id": ida}))
-        .await
-        .unwrap();
-    assert_eq!(f["friendship"]["relation"], "friend");
-    (ca, cb, ida, idb, ta, tb)
+        .unwrap()
 }
 
 fn send(conv: &str, cmid: &str, text: &str) -> Value {
@@ -133,11 +117,7 @@ async fn a_message_reaches_a_device_on_another_router_and_a_resumed_device_gets_
     sync_until(&mut b, &mut bs, T, |s| s.texts(&conv).len() == 5)
         .await
         .unwrap();
-    let got: Vec<&str> = bs.received[seen..]
-        .iter()
-        .filter(|(c, _)| *c == conv)
-        .map(|(_, t)| t.as_str())
-        .collect();
+    let got = bs.received_since(seen, &conv);
     assert_eq!(got, ["missed 1", "missed 2", "missed 3", "after resume"]);
     assert_eq!(
         bs.texts(&conv),

@@ -4,13 +4,13 @@
 //! and malformed RPCs get errors while the node keeps serving.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use natter_model::pb::{self, response::R};
 use natter_proto::cluster::{Consistency, ProposeRequest, RaftKind, RaftRequest};
 use natter_tests::natter::{uuid, Natter};
-use natter_tests::{Cluster, ClusterOpts, Outcome, ShardClient};
+use natter_tests::ops::{check_acked, Load};
+use natter_tests::{Cluster, ClusterOpts, ShardClient};
 
 const ALICE: &str = "00000000-0000-4000-8000-00000000a11c";
 
@@ -110,102 +110,8 @@ async fn negative_control_acks_without_wal_are_lost_by_the_same_crash() {
     );
 }
 
-/// Writers append uniquely numbered messages to one conversation per shard
-/// and record what was acknowledged.
-struct Load {
-    acked: Arc<Mutex<BTreeMap<String, Vec<String>>>>,
-    stop: Arc<std::sync::atomic::AtomicBool>,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
-}
-
-fn start_load(n: &Natter, convs: &[String]) -> Load {
-    let acked: Arc<Mutex<BTreeMap<String, Vec<String>>>> = Default::default();
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let tasks = convs
-        .iter()
-        .map(|conv| {
-            let (n, conv, acked, stop) = (n.clone(), conv.clone(), acked.clone(), stop.clone());
-            let run = uuid();
-            tokio::spawn(async move {
-                let mut i = 0u64;
-                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                    let text = format!("{conv}#{run}#{i}");
-                    let cmid = format!("{}-{i}", &run[..8]);
-                    // Retry the same client_msg_id until the outcome is known:
-                    // idempotent, so a retried success is never a duplicate.
-                    let deadline = Instant::now() + Duration::from_secs(60);
-                    loop {
-                        let (_, out) = n
-                            .exec_once(Natter::send_op(&conv, ALICE, &cmid, &text))
-                            .await;
-                        if let Outcome::Ok(raw) = out {
-                            if let Ok(R::Sent(_)) = natter_tests::natter::decode(&raw) {
-                                acked
-                                    .lock()
-                                    .unwrap()
-                                    .entry(conv.clone())
-                                    .or_default()
-                                    .push(text.clone());
-                            }
-                            break;
-                        }
-                        if Instant::now() > deadline
-                            || stop.load(std::sync::atomic::Ordering::Relaxed)
-                        {
-                            break;
-                        }
-                        tokio::time::sleep(Duration::from_millis(20)).await;
-                    }
-                    i += 1;
-                }
-            })
-        })
-        .collect();
-    Load { acked, stop, tasks }
-}
-
-impl Load {
-    fn count(&self) -> usize {
-        self.acked.lock().unwrap().values().map(Vec::len).sum()
-    }
-
-    async fn wait_for_more(&self, more: usize) {
-        let target = self.count() + more;
-        let deadline = Instant::now() + Duration::from_secs(90);
-        while self.count() < target {
-            assert!(
-                Instant::now() < deadline,
-                "writes did not resume: stuck at {} acks",
-                self.count()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    async fn finish(self) -> BTreeMap<String, Vec<String>> {
-        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        for t in self.tasks {
-            t.await.unwrap();
-        }
-        Arc::try_unwrap(self.acked).unwrap().into_inner().unwrap()
-    }
-}
-
-/// Every acknowledged message is present exactly once, in acknowledgement
-/// order (each writer waits for an ack before sending the next).
-async fn check_acked(n: &Natter, acked: &BTreeMap<String, Vec<String>>) {
-    for (conv, sent) in acked {
-        let got = texts(n, conv).await;
-        let unique: BTreeSet<&String> = got.iter().collect();
-        assert_eq!(unique.len(), got.len(), "duplicate messages in {conv}");
-        let got_acked: Vec<&String> = got.iter().filter(|t| sent.contains(t)).collect();
-        assert_eq!(
-            got_acked,
-            sent.iter().collect::<Vec<_>>(),
-            "acknowledged messages of {conv} lost or reordered"
-        );
-    }
-}
+/// How long a write load may stall before a test fails.
+const LOAD_WAIT: Duration = Duration::from_secs(90);
 
 /// Waits until every running node has applied the same index for `shard`,
 /// then compares their full contents of `convs`.
@@ -268,19 +174,19 @@ async fn leader_killed_under_load_fails_over_and_restarted_node_catches_up() {
     let mut c = Cluster::start(ClusterOpts::default()).await.unwrap();
     let n = natter(&c).await;
     let convs = conversation_per_shard(&n).await;
-    let load = start_load(&n, &convs);
-    load.wait_for_more(40).await;
+    let load = Load::start(&n, &convs);
+    load.wait_for_more(40, LOAD_WAIT).await.unwrap();
 
     // Kill -9 the leader of shard 1.
     let st = c.status(1).await.unwrap();
     let leader = st.groups.iter().find(|g| g.group == 1).unwrap().leader_id;
     c.kill9(leader);
-    load.wait_for_more(40).await;
+    load.wait_for_more(40, LOAD_WAIT).await.unwrap();
 
     c.restart(leader).await.unwrap();
-    load.wait_for_more(40).await;
+    load.wait_for_more(40, LOAD_WAIT).await.unwrap();
     let acked = load.finish().await;
-    check_acked(&n, &acked).await;
+    check_acked(&n, &acked).await.unwrap();
     let shard_convs: Vec<(u32, String)> = convs
         .iter()
         .enumerate()
@@ -304,8 +210,8 @@ async fn node_down_during_purge_catches_up_by_snapshot_while_purges_race_applies
     c.kill9(3);
     // Snapshots every 20 entries with nothing kept behind them: purges run
     // constantly, racing the apply of new entries (openraft #2116's case).
-    let load = start_load(&n, &convs);
-    load.wait_for_more(300).await;
+    let load = Load::start(&n, &convs);
+    load.wait_for_more(300, LOAD_WAIT).await.unwrap();
     let mut acked = load.finish().await;
     // openraft 0.9 defers a leader's purge while a follower has an append in
     // flight (a down follower always has one), but followers purge. So for
@@ -332,8 +238,8 @@ async fn node_down_during_purge_catches_up_by_snapshot_while_purges_race_applies
         c.transfer_leader(shard, to).await.unwrap();
     }
     c.restart(3).await.unwrap();
-    let load = start_load(&n, &convs);
-    load.wait_for_more(40).await;
+    let load = Load::start(&n, &convs);
+    load.wait_for_more(40, LOAD_WAIT).await.unwrap();
     for (conv, texts) in load.finish().await {
         acked.entry(conv).or_default().extend(texts);
     }
@@ -345,7 +251,7 @@ async fn node_down_during_purge_catches_up_by_snapshot_while_purges_race_applies
             .all(|g| g.snapshot_index > 0),
         "node 3 should have installed snapshots: {st3:?}"
     );
-    check_acked(&n, &acked).await;
+    check_acked(&n, &acked).await.unwrap();
     let shard_convs: Vec<(u32, String)> = convs
         .iter()
         .enumerate()
@@ -359,8 +265,8 @@ async fn whole_cluster_restart_keeps_every_acknowledged_write() {
     let mut c = Cluster::start(ClusterOpts::default()).await.unwrap();
     let n = natter(&c).await;
     let convs = conversation_per_shard(&n).await;
-    let load = start_load(&n, &convs);
-    load.wait_for_more(100).await;
+    let load = Load::start(&n, &convs);
+    load.wait_for_more(100, LOAD_WAIT).await.unwrap();
     let acked = load.finish().await;
     // Graceful stop of all, then start again.
     for id in c.ids() {
@@ -370,7 +276,9 @@ async fn whole_cluster_restart_keeps_every_acknowledged_write() {
         c.spawn(id).unwrap();
     }
     c.wait_ready(Duration::from_secs(60)).await.unwrap();
-    check_acked(&Natter::new(ShardClient::new(c.addrs()), c.shards), &acked).await;
+    check_acked(&Natter::new(ShardClient::new(c.addrs()), c.shards), &acked)
+        .await
+        .unwrap();
 }
 
 fn sst_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {

@@ -17,6 +17,14 @@ fn pending(w: &World, user: &str) -> Vec<pb::Notification> {
     .notifications
 }
 
+/// The conversations of `user`'s pending notifications, in queue order.
+fn pending_conversations(w: &World, user: &str) -> Vec<String> {
+    pending(w, user)
+        .into_iter()
+        .map(|n| n.conversation_id)
+        .collect()
+}
+
 /// Every pending notification of every shard, paging with small pages.
 pub(crate) fn all_pending(w: &World) -> Vec<pb::Notification> {
     let mut out = Vec::new();
@@ -213,11 +221,8 @@ fn the_setting_and_muting_are_honoured() {
     w.send(&d, &a, "direct 2");
     w.send(&g, &a, "group 2");
     w.deliver();
-    let ns = pending(&w, &b);
     assert_eq!(
-        ns.iter()
-            .map(|n| n.conversation_id.clone())
-            .collect::<Vec<_>>(),
+        pending_conversations(&w, &b),
         vec![d.clone()],
         "DIRECT_ONLY: only the direct conversation"
     );
@@ -228,11 +233,8 @@ fn the_setting_and_muting_are_honoured() {
     w.send(&d, &a, "muted");
     w.send(&g, &a, "group 3");
     w.deliver();
-    let ns = pending(&w, &b);
     assert_eq!(
-        ns.iter()
-            .map(|n| n.conversation_id.clone())
-            .collect::<Vec<_>>(),
+        pending_conversations(&w, &b),
         vec![g.clone()],
         "muted conversation: nothing"
     );
