@@ -657,6 +657,22 @@ async fn garbage_frames_and_a_client_that_never_reads_leave_other_users_unharmed
     );
 }
 
+/// Whether a node that answers reports a leader of `shard` other than `old`.
+async fn has_leader_other_than(c: &Cluster, shard: u32, old: u64) -> bool {
+    for id in c.ids() {
+        if let Ok(st) = c.status(id).await {
+            if st
+                .groups
+                .iter()
+                .any(|g| g.group == shard && g.leader_id != 0 && g.leader_id != old)
+            {
+                return true;
+            }
+        }
+    }
+    false
+}
+
 /// The leader of `shard` as node 1..=3 see it (first answer wins).
 async fn leader_of(c: &Cluster, shard: u32) -> u64 {
     for id in c.ids() {
@@ -694,6 +710,13 @@ async fn requests_follow_leader_changes_and_fail_cleanly_at_the_deadline() {
     for round in 0..2 {
         let leader = leader_of(&c, shard).await;
         c.kill9(leader);
+        // What is tested is the router finding the new leader, not how
+        // long an election takes on a busy machine: wait for one.
+        let deadline = Instant::now() + T;
+        while !has_leader_other_than(&c, shard, leader).await {
+            assert!(Instant::now() < deadline, "no new leader of shard {shard}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
         n += 1;
         let text = format!("after crash {round}");
         a.call("send", send(&conv, &format!("m{n}"), &text))
