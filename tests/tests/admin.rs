@@ -14,7 +14,16 @@ async fn status_reports_nodes_shards_leaders_and_survives_a_node_going_down() {
     let mut c = Cluster::start(ClusterOpts::default()).await.unwrap();
     let node1 = c.node(1).addr.clone();
 
-    let (code, text) = admin(&node1, &["status"]);
+    // A fresh cluster may still be settling an election: status exits 3
+    // until every shard has a leader.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let (code, text) = loop {
+        let (code, text) = admin(&node1, &["status"]);
+        if code != 3 || std::time::Instant::now() > deadline {
+            break (code, text);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
     assert_eq!(code, 0, "{text}");
     assert!(
         text.contains("3/3 nodes up, 4/4 shards with a leader"),
