@@ -60,6 +60,11 @@ pub struct Flags {
     /// Skip the checksum pass over the data dir at start.
     #[arg(long, env = "NATTER_NO_VERIFY")]
     pub no_verify: bool,
+    /// Never run the rebalancer here. It runs on whichever node leads the
+    /// meta group, so set this on every node to pause replica moves and
+    /// leader balancing cluster-wide (e.g. during maintenance).
+    #[arg(long, env = "NATTER_NO_REBALANCE")]
+    pub no_rebalance: bool,
     /// Log as JSON lines.
     #[arg(long, env = "NATTER_LOG_JSON")]
     pub log_json: bool,
@@ -107,6 +112,8 @@ pub struct FileConfig {
     pub webhook_secret: Option<String>,
     pub webhook_timeout_ms: Option<u64>,
     pub presence_lease_ms: Option<u64>,
+    /// `rebalance = false` is `--no-rebalance`.
+    pub rebalance: Option<bool>,
 }
 
 /// The resolved configuration.
@@ -124,6 +131,8 @@ pub struct Config {
     pub sync_mode: SyncMode,
     pub timings: RaftTimings,
     pub verify: bool,
+    /// Whether this node runs the rebalancer when it leads the meta group.
+    pub rebalance: bool,
     pub log_json: bool,
     pub webhook: Option<crate::notifier::Webhook>,
     pub presence_lease: std::time::Duration,
@@ -273,6 +282,7 @@ impl Config {
             sync_mode,
             timings,
             verify: !flags.no_verify,
+            rebalance: !flags.no_rebalance && file.rebalance.unwrap_or(true),
             log_json: flags.log_json,
             webhook,
             presence_lease: std::time::Duration::from_millis(lease_ms),

@@ -137,7 +137,11 @@ pub async fn run(mut cfg: config::Config) -> Result<()> {
         cfg.webhook.clone(),
         stop_rx.clone(),
     )?);
-    workers.push(membership::spawn_rebalancer(host.clone(), stop_rx.clone()));
+    if cfg.rebalance {
+        workers.push(membership::spawn_rebalancer(host.clone(), stop_rx.clone()));
+    } else {
+        tracing::info!("rebalancer off on this node (--no-rebalance)");
+    }
     if let Some(listen) = &cfg.metrics_listen {
         let m = std::sync::Arc::new(metrics::Metrics::new(&host)?);
         workers.push(metrics::spawn_sampler(

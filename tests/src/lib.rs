@@ -355,6 +355,7 @@ impl Cluster {
     /// hand leadership over, until `to` reports itself leader.
     pub async fn transfer_leader(&self, shard: u32, to: u64) -> Result<()> {
         let deadline = Instant::now() + Duration::from_secs(60);
+        let mut last_err = String::from("none");
         loop {
             let st = self.status(to).await?;
             let g = st
@@ -366,7 +367,10 @@ impl Cluster {
                 return Ok(());
             }
             if Instant::now() > deadline {
-                bail!("node {to} did not become leader of shard {shard}");
+                bail!(
+                    "node {to} did not become leader of shard {shard}: it sees {g:?}; \
+                     last transfer error: {last_err}"
+                );
             }
             if g.leader_id != 0
                 && self
@@ -376,9 +380,12 @@ impl Cluster {
             {
                 let mut c = self.client(g.leader_id).await?;
                 // An error (e.g. leadership moved meanwhile) just means: look again.
-                let _ = c
+                if let Err(e) = c
                     .transfer_leader(natter_proto::cluster::TransferLeaderRequest { shard, to })
-                    .await;
+                    .await
+                {
+                    last_err = format!("from node {}: {e}", g.leader_id);
+                }
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
