@@ -2,9 +2,11 @@
 //!
 //! Every node of the initial cluster computes the same initial placement from
 //! its configuration, starts the meta group and the shards placed on it, plus
-//! any group it has Raft state for on disk (a restart). The smallest node id
-//! of each group's replica set initializes that group; initializing a group
-//! that already has state is a no-op, so a restart during bootstrap is safe.
+//! any group it has Raft state for on disk (a restart). The meta group is
+//! initialized by the smallest node id, each shard by its first choice
+//! (`meta::first_choice`, spread evenly, so leaderships start balanced);
+//! initializing a group that already has state is a no-op, so a restart
+//! during bootstrap is safe.
 //! Finally the meta group's leader records the layout (`Init`).
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -20,7 +22,7 @@ use natter_raft_store::{Consistency, RaftHost};
 use prost::Message;
 
 use crate::config::Config;
-use crate::meta::{initial_placement, Meta};
+use crate::meta::{first_choice, initial_placement, Meta};
 use crate::META_GROUP;
 
 pub async fn start_groups(host: &Arc<RaftHost>, cfg: &Config) -> Result<()> {
@@ -63,7 +65,7 @@ pub async fn start_groups(host: &Arc<RaftHost>, cfg: &Config) -> Result<()> {
         host.initialize(META_GROUP, &cfg.initial_cluster).await?;
     }
     for p in &placement {
-        if p.replicas.first() == Some(&me)
+        if first_choice(&nodes, p.shard) == Some(me)
             && !on_disk.contains(&p.shard)
             && !moved_away.contains(&p.shard)
         {

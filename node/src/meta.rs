@@ -74,6 +74,18 @@ pub fn initial_placement(nodes: &[u64], shards: u32, replicas: usize) -> Vec<Sha
         .collect()
 }
 
+/// The node that initializes shard `s` (1-based) of a new cluster, and so
+/// becomes its first leader: its first choice in [`initial_placement`],
+/// before the replica list is sorted. Leaderships start spread evenly, so
+/// the rebalancer has none to move (each move stalls the shard's writes for
+/// up to a leader lease).
+pub fn first_choice(nodes: &[u64], shard: u32) -> Option<u64> {
+    if nodes.is_empty() || shard == 0 {
+        return None;
+    }
+    nodes.get((shard as usize - 1) % nodes.len()).copied()
+}
+
 impl Meta {
     fn apply_op(kv: &mut dyn KvWrite, op: Op) -> KvResult<Vec<u8>> {
         let current = load(kv)?;
@@ -336,6 +348,16 @@ mod tests {
             vec![6, 6, 6, 6]
         );
         assert_eq!(initial_placement(&[1], 2, 3)[0].replicas, vec![1]);
+        // First leaders: a replica of their shard, two shards per node.
+        let mut leads = BTreeMap::new();
+        for s in &p {
+            let first = first_choice(&[1, 2, 3, 4], s.shard).unwrap();
+            assert!(s.replicas.contains(&first), "{first} not in {s:?}");
+            *leads.entry(first).or_insert(0) += 1;
+        }
+        assert_eq!(leads.values().copied().collect::<Vec<_>>(), vec![2; 4]);
+        assert_eq!(first_choice(&[], 1), None);
+        assert_eq!(first_choice(&[1], 0), None);
     }
 
     #[test]
