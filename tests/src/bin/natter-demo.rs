@@ -4,25 +4,67 @@
 //! existing demo user is logged in rather than registered again, and sends
 //! carry fixed `client_msg_id`s.
 
+use std::time::{Duration, Instant};
+
 use anyhow::{bail, Context, Result};
-use natter_tests::router::{http, login, Client};
-use serde_json::json;
+use natter_tests::router::{http, Client};
+use serde_json::{json, Value};
 
 const PASSWORD: &str = "natter-demo";
 const USERS: &[&str] = &["alice", "bob", "carol"];
 
-async fn ensure_user(addr: &str, name: &str) -> Result<()> {
-    let (s, v) = http(
+/// A JSON POST, asked again while the router answers 429, 503 or 504 (see
+/// [`call`]); answers the final status and body.
+async fn post(addr: &str, path: &str, body: Value) -> Result<(u16, Value)> {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let (s, v) = http(addr, "POST", path, None, Some(&body)).await?;
+        if !matches!(s, 429 | 503 | 504) || Instant::now() > deadline {
+            return Ok((s, v));
+        }
+        eprintln!("natter-demo: {path} answered {s}, asking again");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+async fn ensure_user(addr: &str, name: &str) -> Result<String> {
+    let (s, v) = post(
         addr,
-        "POST",
         "/v1/register",
-        None,
-        Some(&json!({"username": name, "password": PASSWORD})),
+        json!({"username": name, "password": PASSWORD}),
     )
     .await?;
-    match s {
-        201 | 409 => Ok(()),
-        _ => bail!("registering {name}: {s} {v}"),
+    if !matches!(s, 201 | 409) {
+        bail!("registering {name}: {s} {v}");
+    }
+    let login = json!({"username": name, "password": PASSWORD, "device": "demo setup"});
+    let (s, v) = post(addr, "/v1/login", login).await?;
+    if s != 200 {
+        bail!("logging in {name}: {s} {v}");
+    }
+    str_of(&v, &["token"])
+}
+
+/// One request, asked again while the cluster answers `timeout` or
+/// `unavailable` (a fresh cluster may still be settling its leaders) or
+/// `rate_limited`. Every step of the demo is idempotent, so a retry of a
+/// request that did go through is harmless.
+async fn call(c: &mut Client, op: &str, params: Value) -> Result<Value> {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let mut pause = Duration::from_millis(200);
+    loop {
+        let r = c.request(op, params.clone()).await?;
+        if let Some(ok) = r.get("ok") {
+            return Ok(ok.clone());
+        }
+        let code = r["error"]["code"].as_str().unwrap_or_default();
+        let transient = matches!(code, "timeout" | "unavailable" | "rate_limited");
+        if !transient || Instant::now() > deadline {
+            bail!("{op} failed: {r}");
+        }
+        eprintln!("natter-demo: {op} answered {code}, asking again");
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_secs(2));
     }
 }
 
@@ -44,48 +86,50 @@ async fn main() -> Result<()> {
     let mut clients = Vec::new();
     let mut ids = Vec::new();
     for u in USERS {
-        ensure_user(&addr, u).await?;
-        let token = login(&addr, u, PASSWORD, "demo setup").await?;
+        let token = ensure_user(&addr, u).await?;
         let mut c = Client::connect(&addr, &token).await?;
-        let me = c.call("me", json!({})).await?;
+        let me = call(&mut c, "me", json!({})).await?;
         ids.push(str_of(&me, &["user", "user_id"])?);
         clients.push(c);
     }
     // alice befriends bob and carol.
     for i in 1..USERS.len() {
-        clients[0]
-            .call("friend_request", json!({"user_id": ids[i]}))
-            .await?;
-        clients[i]
-            .call("friend_accept", json!({"user_id": ids[0]}))
-            .await?;
+        call(
+            &mut clients[0],
+            "friend_request",
+            json!({"user_id": ids[i]}),
+        )
+        .await?;
+        call(&mut clients[i], "friend_accept", json!({"user_id": ids[0]})).await?;
     }
-    clients[1]
-        .call("friend_request", json!({"user_id": ids[2]}))
-        .await?;
-    clients[2]
-        .call("friend_accept", json!({"user_id": ids[1]}))
-        .await?;
-    let direct = clients[0]
-        .call("create_direct", json!({"user_id": ids[1]}))
-        .await?;
+    call(
+        &mut clients[1],
+        "friend_request",
+        json!({"user_id": ids[2]}),
+    )
+    .await?;
+    call(&mut clients[2], "friend_accept", json!({"user_id": ids[1]})).await?;
+    let direct = call(&mut clients[0], "create_direct", json!({"user_id": ids[1]})).await?;
     let direct = str_of(&direct, &["conversation", "id"])?;
     // A fixed group id makes a second run reuse the group.
     let group_id = "6f1c2d3e-4b5a-4c6d-8e7f-9a0b1c2d3e4f";
-    let group = clients[0]
-        .call(
-            "create_group",
-            json!({"conversation_id": group_id, "name": "Weekend trip",
+    let group = call(
+        &mut clients[0],
+        "create_group",
+        json!({"conversation_id": group_id, "name": "Weekend trip",
                    "member_ids": [ids[1], ids[2]]}),
-        )
-        .await;
+    )
+    .await;
     if let Err(e) = &group {
         // Already made by an earlier run.
         if !e.to_string().contains("already_exists") {
-            clients[0]
-                .call("get_conversation", json!({"conversation_id": group_id}))
-                .await
-                .with_context(|| format!("creating the demo group: {e}"))?;
+            call(
+                &mut clients[0],
+                "get_conversation",
+                json!({"conversation_id": group_id}),
+            )
+            .await
+            .with_context(|| format!("creating the demo group: {e}"))?;
         }
     }
     let script: &[(usize, &str, &str)] = &[
@@ -97,12 +141,12 @@ async fn main() -> Result<()> {
         (1, group_id, "Count me in 🚣"),
     ];
     for (n, (who, conv, text)) in script.iter().enumerate() {
-        clients[*who]
-            .call(
-                "send",
-                json!({"conversation_id": conv, "client_msg_id": format!("demo-{n}"), "text": text}),
-            )
-            .await?;
+        call(
+            &mut clients[*who],
+            "send",
+            json!({"conversation_id": conv, "client_msg_id": format!("demo-{n}"), "text": text}),
+        )
+        .await?;
     }
     println!("Demo users (password \"{PASSWORD}\"): {}", USERS.join(", "));
     Ok(())
