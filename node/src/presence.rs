@@ -43,6 +43,9 @@ const SWEEP: Duration = Duration::from_millis(500);
 /// Last-seen writes waiting to be proposed, at most (beyond: dropped; last
 /// seen is then a little older).
 const LAST_SEEN_QUEUE: usize = 4096;
+/// Tries of one last-seen write (backing off 0.2 s, 0.4 s, ...: ~6 s in all,
+/// a few elections).
+const LAST_SEEN_ATTEMPTS: u32 = 5;
 
 /// user → router → lease end.
 type Leases = HashMap<String, HashMap<String, Instant>>;
@@ -352,8 +355,25 @@ impl Presence {
                         })),
                     }
                     .encode_to_vec();
-                    if let Err(e) = remote.propose(shard, &cmd).await {
-                        tracing::debug!(shard, "recording last seen failed: {e:#}");
+                    // A leader change loses a proposal in flight: ask again
+                    // a few times (the leader stamps the time, so a retry
+                    // records a moment later, never a wrong user).
+                    let mut pause = Duration::from_millis(200);
+                    for attempt in 1..=LAST_SEEN_ATTEMPTS {
+                        match remote.propose(shard, &cmd).await {
+                            Ok(_) => break,
+                            Err(e) if attempt == LAST_SEEN_ATTEMPTS => {
+                                tracing::warn!(shard, "recording last seen failed: {e:#}")
+                            }
+                            Err(e) => {
+                                tracing::debug!(shard, attempt, "recording last seen: {e:#}");
+                                tokio::select! {
+                                    _ = tokio::time::sleep(pause) => {}
+                                    _ = stop.changed() => return,
+                                }
+                                pause *= 2;
+                            }
+                        }
                     }
                     if let Ok(mut r) = p.recent.lock() {
                         r.remove(&user);
