@@ -262,6 +262,24 @@ impl Balance {
     }
 }
 
+/// `natter-admin --node NODE status ARGS` once it exits 0: it exits 3 while
+/// a shard has no leader, as it does for a moment during an election or a
+/// leadership hand-off (the rebalancer may still be evening out leaders).
+/// Gives up after 30 s and answers the last run.
+pub fn admin_status_healthy(node: &str, args: &[&str]) -> (i32, String, String) {
+    let args: Vec<&str> = std::iter::once("status")
+        .chain(args.iter().copied())
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let out = admin(node, &args);
+        if out.0 != 3 || Instant::now() > deadline {
+            return out;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// Runs `natter-admin --node NODE ARGS`: (exit code, stdout, stderr).
 pub fn admin(node: &str, args: &[&str]) -> (i32, String, String) {
     let out = std::process::Command::new(bin("natter-admin"))

@@ -1,6 +1,7 @@
 //! `natter-admin` against a real cluster: status (human and JSON), a node
 //! going down, and a leadership hand-off.
 
+use natter_tests::ops::admin_status_healthy;
 use natter_tests::{Cluster, ClusterOpts};
 
 /// `natter-admin --node NODE ARGS`: (exit code, stdout).
@@ -14,16 +15,8 @@ async fn status_reports_nodes_shards_leaders_and_survives_a_node_going_down() {
     let mut c = Cluster::start(ClusterOpts::default()).await.unwrap();
     let node1 = c.node(1).addr.clone();
 
-    // A fresh cluster may still be settling an election: status exits 3
-    // until every shard has a leader.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    let (code, text) = loop {
-        let (code, text) = admin(&node1, &["status"]);
-        if code != 3 || std::time::Instant::now() > deadline {
-            break (code, text);
-        }
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    };
+    // A fresh cluster may still be settling an election.
+    let (code, text, _) = admin_status_healthy(&node1, &[]);
     assert_eq!(code, 0, "{text}");
     assert!(
         text.contains("3/3 nodes up, 4/4 shards with a leader"),
@@ -36,12 +29,12 @@ async fn status_reports_nodes_shards_leaders_and_survives_a_node_going_down() {
         );
     }
 
-    let (code, json) = admin(&node1, &["status", "--json"]);
-    assert_eq!(code, 0);
+    let (code, json, _) = admin_status_healthy(&node1, &["--json"]);
+    assert_eq!(code, 0, "{json}");
     let v: serde_json::Value = serde_json::from_str(&json).unwrap();
     assert_eq!(v["shards"].as_array().map(Vec::len), Some(4));
     assert_eq!(v["healthy"], true);
-    // The rebalancer spreads leaderships by itself (issue 8); once it has,
+    // Leaderships start spread and the rebalancer keeps them even; once they are,
     // hand shard 1 to the node leading the fewest shards, which keeps every
     // node at or below its fair share, so the rebalancer leaves it there.
     let b = c
@@ -58,7 +51,7 @@ async fn status_reports_nodes_shards_leaders_and_survives_a_node_going_down() {
         &["transfer-leader", "--shard", "1", "--to", &to.to_string()],
     );
     assert_eq!(code, 0, "{text}");
-    let (_, json) = admin(&node1, &["status", "--json"]);
+    let (_, json, _) = admin_status_healthy(&node1, &["--json"]);
     let v: serde_json::Value = serde_json::from_str(&json).unwrap();
     assert_eq!(v["shards"][0]["leader"].as_u64(), Some(to), "{json}");
 
