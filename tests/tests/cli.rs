@@ -70,7 +70,16 @@ async fn two_cli_users_chat() {
     assert_eq!(f["relation"], "outgoing");
     let f = json(&b, ra, &["friends", "accept", "alice"]).await;
     assert_eq!(f["relation"], "friend");
-    let list = json(&a, ra, &["friends", "list"]).await;
+    // Alice's friend list follows the acceptance through the outbox (a
+    // moment later, on her own shard).
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let list = loop {
+        let list = json(&a, ra, &["friends", "list"]).await;
+        if list[0]["relation"] == "friend" || std::time::Instant::now() > deadline {
+            break list;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     assert_eq!(list[0]["username"], "bob");
     assert_eq!(list[0]["relation"], "friend");
 

@@ -507,10 +507,13 @@ async fn garbage_frames_and_a_client_that_never_reads_leave_other_users_unharmed
         }
     }
     // Only garbage: after 100 bad frames in a row the router closes (1008).
+    // A few more than 100 are sent: the router reads on for a while after
+    // closing, but a client still writing long after that gets the socket
+    // reset (unread data), and with it loses the close frame.
     let mut m2 = Client::connect(&r.addr, &tm).await.unwrap();
     let mut errors = 0;
     let mut sent = 0;
-    for i in 0..1000 {
+    for i in 0..150 {
         if m2.send_raw(garbage(i).0).await.is_err() {
             break;
         }
