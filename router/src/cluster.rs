@@ -278,7 +278,7 @@ impl Cluster {
         &self,
         addr: &str,
         shard: u32,
-        propose: bool,
+        read: Option<Consistency>,
         payload: &[u8],
         deadline: Instant,
     ) -> Attempt {
@@ -288,7 +288,22 @@ impl Cluster {
         };
         let trace = crate::metrics::current_trace();
         let call = async {
-            if propose {
+            if let Some(consistency) = read {
+                c.read(traced(
+                    ReadRequest {
+                        shard,
+                        query: payload.to_vec(),
+                        consistency: consistency as i32,
+                    },
+                    &trace,
+                ))
+                .await
+                .map(|r| match r.into_inner().result {
+                    Some(read_reply::Result::Response(b)) => Ok(b),
+                    Some(read_reply::Result::NotLeader(nl)) => Err(nl),
+                    None => Err(Default::default()),
+                })
+            } else {
                 c.propose(traced(
                     ProposeRequest {
                         shard,
@@ -300,21 +315,6 @@ impl Cluster {
                 .map(|r| match r.into_inner().result {
                     Some(propose_reply::Result::Response(b)) => Ok(b),
                     Some(propose_reply::Result::NotLeader(nl)) => Err(nl),
-                    None => Err(Default::default()),
-                })
-            } else {
-                c.read(traced(
-                    ReadRequest {
-                        shard,
-                        query: payload.to_vec(),
-                        consistency: Consistency::Linearizable as i32,
-                    },
-                    &trace,
-                ))
-                .await
-                .map(|r| match r.into_inner().result {
-                    Some(read_reply::Result::Response(b)) => Ok(b),
-                    Some(read_reply::Result::NotLeader(nl)) => Err(nl),
                     None => Err(Default::default()),
                 })
             }
@@ -334,12 +334,13 @@ impl Cluster {
         }
     }
 
-    /// Sends an encoded command (`propose`) or query to a shard's leader,
-    /// following redirects and retrying until `deadline`.
+    /// Sends an encoded command (`read` None) or query (at `read`
+    /// consistency) to a shard's leader, following redirects and retrying
+    /// until `deadline`.
     async fn call(
         &self,
         shard: u32,
-        propose: bool,
+        read: Option<Consistency>,
         payload: &[u8],
         deadline: Instant,
     ) -> Result<Vec<u8>, ClusterError> {
@@ -359,7 +360,7 @@ impl Cluster {
                 if !tried.insert(addr.clone()) && redirects == 0 {
                     continue;
                 }
-                match self.attempt(&addr, shard, propose, payload, deadline).await {
+                match self.attempt(&addr, shard, read, payload, deadline).await {
                     Attempt::Done(bytes) => {
                         self.set_leader(shard, &addr);
                         return Ok(bytes);
@@ -425,21 +426,39 @@ impl Cluster {
             self.shard_count(deadline).await?,
         );
         let raw = self
-            .call(shard, true, &cmd.encode_to_vec(), deadline)
+            .call(shard, None, &cmd.encode_to_vec(), deadline)
             .await?;
         decode(&raw)
     }
 
     /// Asks a model query (linearizable) of the shard its route key names.
     pub async fn query(&self, q: Q, deadline: Instant) -> Result<R, ClusterError> {
+        self.query_at(q, Consistency::Linearizable, deadline).await
+    }
+
+    /// [`Cluster::query`] at a chosen consistency. A `Stale` read is served
+    /// by the shard's leader (or whichever replica answers) from what it has
+    /// applied, without a read-index round: committed data, maybe not the
+    /// newest.
+    pub async fn query_at(
+        &self,
+        q: Q,
+        consistency: Consistency,
+        deadline: Instant,
+    ) -> Result<R, ClusterError> {
         let name = crate::metrics::query_name(&q);
         let started = Instant::now();
-        let r = self.query_inner(q, deadline).await;
+        let r = self.query_inner(q, consistency, deadline).await;
         crate::metrics::cluster_request(name, r.is_ok(), started.elapsed());
         r
     }
 
-    async fn query_inner(&self, q: Q, deadline: Instant) -> Result<R, ClusterError> {
+    async fn query_inner(
+        &self,
+        q: Q,
+        consistency: Consistency,
+        deadline: Instant,
+    ) -> Result<R, ClusterError> {
         let q = pb::Query {
             now_ms: 0,
             q: Some(q),
@@ -449,7 +468,7 @@ impl Cluster {
             self.shard_count(deadline).await?,
         );
         let raw = self
-            .call(shard, false, &q.encode_to_vec(), deadline)
+            .call(shard, Some(consistency), &q.encode_to_vec(), deadline)
             .await?;
         decode(&raw)
     }

@@ -23,7 +23,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use natter_model::pb::{self, query::Q, response::R, ErrorCode};
-use natter_proto::cluster::{ChangeEvent, ChangeKind, WatchRequest};
+use natter_proto::cluster::{ChangeEvent, ChangeKind, Consistency, WatchRequest};
 use serde_json::{json, Map, Value};
 use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -549,6 +549,24 @@ impl Hub {
         check(r)
     }
 
+    /// A conversation sync after a change event, without the read-index
+    /// round of a linearizable read: any replica's applied state is
+    /// committed, so an answer that already reaches the event's version
+    /// (`at_least`) is as good as a linearizable one for this push. Anything
+    /// else (older, an error, a refusal a lagging replica might give) is
+    /// None, and the caller asks linearizably.
+    async fn query_applied(&self, q: Q, at_least: u64) -> Option<pb::ConversationSync> {
+        let _permit = self.reads.acquire().await.ok()?;
+        let r = self
+            .cluster
+            .query_at(q, Consistency::Stale, Instant::now() + self.timeout)
+            .await;
+        match r {
+            Ok(R::ConversationSync(s)) if s.token >= at_least => Some(s),
+            _ => None,
+        }
+    }
+
     async fn process(
         &self,
         dev: &Device,
@@ -591,7 +609,7 @@ impl Hub {
         for (c, hint) in work.convs {
             match st.convs.get(&c) {
                 Some(t) if hint == 0 || *t == 0 || hint > *t => {
-                    self.sync_conversation(dev, st, &c).await?
+                    self.sync_conversation(dev, st, &c, hint).await?
                 }
                 _ => {}
             }
@@ -742,25 +760,35 @@ impl Hub {
     }
 
     /// Pushes a conversation's changes since the device's token (a cold
-    /// start when it has none).
+    /// start when it has none). `hint` is the version a change event named
+    /// (0: unknown).
     async fn sync_conversation(
         &self,
         dev: &Device,
         st: &mut DeviceState,
         conv: &str,
+        mut hint: u64,
     ) -> Result<(), ApiError> {
         loop {
             let Some(&from) = st.convs.get(conv) else {
                 return Ok(());
             };
-            let r = self
-                .query(Q::SyncConversation(pb::SyncConversation {
-                    viewer_id: dev.user_id.clone(),
-                    conversation_id: conv.to_string(),
-                    token: from,
-                    limit: self.page,
-                }))
-                .await;
+            let q = Q::SyncConversation(pb::SyncConversation {
+                viewer_id: dev.user_id.clone(),
+                conversation_id: conv.to_string(),
+                token: from,
+                limit: self.page,
+            });
+            let fast = if hint > from && from > 0 {
+                self.query_applied(q.clone(), hint).await
+            } else {
+                None
+            };
+            hint = 0;
+            let r = match fast {
+                Some(s) => Ok(R::ConversationSync(s)),
+                None => self.query(q).await,
+            };
             let s = match r {
                 Ok(R::ConversationSync(s)) => s,
                 Ok(other) => return Err(ApiError::unexpected(&other)),
