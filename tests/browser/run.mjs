@@ -42,7 +42,9 @@ function portFree(port) {
 
 async function freePorts(n) {
   for (let i = 0; i < 200; i++) {
-    const base = 20000 + Math.floor(Math.random() * 40000);
+    // Below the kernel's ephemeral range (32768+): those ports can be taken
+    // as source ports of outgoing connections before a server binds them.
+    const base = 10000 + Math.floor(Math.random() * 22000);
     let ok = true;
     for (let p = base; p < base + n && ok; p++) ok = await portFree(p);
     if (ok) return base;

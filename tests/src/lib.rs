@@ -6,7 +6,7 @@
 //! The binaries are found next to the test executable's `deps/` directory
 //! (`target/<profile>/`), or in `NATTER_BIN_DIR`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -54,7 +54,31 @@ pub fn bin(name: &str) -> PathBuf {
 }
 
 /// A free loopback port (bound, then released for the child to take).
+///
+/// Chosen below the kernel's ephemeral range: a port from that range
+/// (`bind(0)`) may be taken as the *source* port of any outgoing connection
+/// before the child binds it ("address already in use", seen in CI), while
+/// ports below it are only ever taken by an explicit bind. Never the same
+/// port twice in one process.
 pub fn free_port() -> u16 {
+    use std::sync::Mutex;
+    static GIVEN: Mutex<BTreeSet<u16>> = Mutex::new(BTreeSet::new());
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    let (low, high) = (10_000u16, ephemeral_low.saturating_sub(1));
+    if high > low {
+        let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+        for _ in 0..2000 {
+            let r = uuid::Uuid::new_v4().as_u128();
+            let port = low + (r % u128::from(high - low)) as u16;
+            if !given.contains(&port) && TcpListener::bind(("127.0.0.1", port)).is_ok() {
+                given.insert(port);
+                return port;
+            }
+        }
+    }
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
