@@ -20,7 +20,7 @@ use crate::log_store::LogStore;
 use crate::network::{NetworkFactory, Peers, MAX_RAFT_MESSAGE};
 use crate::service::TransportService;
 use crate::sm_store::SmStore;
-use crate::types::{Command, NodeId, Raft};
+use crate::types::{NodeId, Raft};
 use crate::{Error, Shared, StoreError};
 
 /// Raft timings and log-compaction knobs, the same for every group.
@@ -113,6 +113,8 @@ struct Group {
     reads: Arc<crate::read_index::ReadIndex>,
     /// Set while leadership is being handed to this (id, address).
     handing_off: Arc<std::sync::Mutex<Option<(NodeId, String)>>>,
+    /// Batches concurrent proposals into log entries.
+    proposer: crate::batch::Proposer,
 }
 
 /// Every Raft group hosted on this node, over one RocksDB.
@@ -320,6 +322,15 @@ impl RaftHost {
         let raft = Raft::new(self.cfg.node_id, self.raft_config()?, net, log, sm.clone())
             .await
             .map_err(|e| Error::Raft(format!("group {group}: {e}")))?;
+        let proposer = crate::batch::Proposer::start(
+            raft.clone(),
+            Arc::new(move |e| match e {
+                RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => {
+                    not_leader::<()>(group, f.leader_id.map(|id| (id, f.leader_node.clone())))
+                }
+                e => Error::Raft(format!("group {group}: {e}")),
+            }),
+        );
         self.groups
             .write()
             .map_err(|_| Error::Poisoned)?
@@ -329,6 +340,7 @@ impl RaftHost {
                 sm,
                 reads: Default::default(),
                 handing_off: Default::default(),
+                proposer,
             });
         Ok(())
     }
@@ -394,16 +406,13 @@ impl RaftHost {
                 leader: Some(to),
             });
         }
-        match g.raft.client_write(Command(command)).await {
-            Ok(r) => Ok(Proposed {
-                response: r.data.0,
-                index: r.log_id.index,
-            }),
-            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => Err(
-                not_leader::<()>(group, f.leader_id.map(|id| (id, f.leader_node))),
-            ),
-            Err(e) => Err(Error::Raft(format!("group {group}: {e}"))),
+        if command.starts_with(crate::batch::MARK) {
+            return Err(Error::Raft(format!(
+                "group {group}: a command may not start with the batch mark"
+            )));
         }
+        let (response, index) = g.proposer.propose(group, command).await?;
+        Ok(Proposed { response, index })
     }
 
     /// Answers `query` from the group's state machine.

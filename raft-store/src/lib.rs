@@ -10,12 +10,14 @@
 //! Modules, one job each:
 //! - [`db`]: the shared RocksDB (column families, key layout, open + verify);
 //! - [`group_commit`]: one WAL fsync shared by concurrent appends;
+//! - `batch`: concurrent proposals to a group become one log entry;
 //! - [`log_store`]: openraft's log storage for one group;
 //! - [`sm_store`]: openraft's state machine for one group, and snapshots;
 //! - [`kv_view`]: the transactional and snapshot views a state machine sees;
 //! - [`network`] / [`service`]: outgoing and incoming Raft RPCs;
 //! - [`host`]: the public interface.
 
+mod batch;
 pub mod db;
 pub mod group_commit;
 pub mod host;

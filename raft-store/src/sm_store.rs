@@ -98,13 +98,26 @@ impl SmStore {
             match entry.payload {
                 EntryPayload::Blank => replies.push(Reply::default()),
                 EntryPayload::Normal(cmd) => {
-                    let out = self.machine.apply(&mut txn, &cmd.0).map_err(|e| {
-                        StoreError::Corrupt(format!(
-                            "group {} applying {}: {e}",
-                            self.group, entry.log_id
-                        ))
-                    })?;
-                    replies.push(Reply(out));
+                    let mut apply = |c: &[u8]| {
+                        self.machine.apply(&mut txn, c).map_err(|e| {
+                            StoreError::Corrupt(format!(
+                                "group {} applying {}: {e}",
+                                self.group, entry.log_id
+                            ))
+                        })
+                    };
+                    match crate::batch::decode(&cmd.0) {
+                        // Several proposals in one entry: applied in order,
+                        // answered together.
+                        Some(commands) => {
+                            let outs = commands?
+                                .iter()
+                                .map(|c| apply(c))
+                                .collect::<Result<Vec<_>, _>>()?;
+                            replies.push(Reply(db::encode(&outs)?));
+                        }
+                        None => replies.push(Reply(apply(&cmd.0)?)),
+                    }
                 }
                 EntryPayload::Membership(m) => {
                     membership = Some(StoredMembership::new(Some(entry.log_id), m));
