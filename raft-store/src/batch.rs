@@ -23,6 +23,7 @@ use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
 use crate::db;
+use crate::host::write_error;
 use crate::types::{Command, Raft};
 use crate::{Error, StoreError};
 
@@ -59,56 +60,43 @@ pub fn decode(entry: &[u8]) -> Option<Result<Vec<Vec<u8>>, StoreError>> {
     Some(db::decode("batched commands", body))
 }
 
-/// Turns a write error into each waiter's error.
-pub type ErrorFn = Arc<
-    dyn Fn(
-            &openraft::error::RaftError<
-                u64,
-                openraft::error::ClientWriteError<u64, openraft::BasicNode>,
-            >,
-        ) -> Error
-        + Send
-        + Sync,
->;
-
 /// A group's proposer: the queue, the in-flight slots and the Raft handle.
 #[derive(Clone)]
 pub struct Proposer {
+    group: u32,
     tx: mpsc::Sender<Pending>,
     slots: Arc<Semaphore>,
     raft: Raft,
-    to_error: ErrorFn,
 }
 
 impl Proposer {
     /// Starts the proposer task of a group; it ends when every `Proposer`
     /// clone is dropped (the group stopped).
-    pub fn start(raft: Raft, to_error: ErrorFn) -> Proposer {
+    pub fn start(group: u32, raft: Raft) -> Proposer {
         let (tx, rx) = mpsc::channel(QUEUE);
         let slots = Arc::new(Semaphore::new(IN_FLIGHT));
-        tokio::spawn(run(raft.clone(), to_error.clone(), slots.clone(), rx));
+        tokio::spawn(run(group, raft.clone(), slots.clone(), rx));
         Proposer {
+            group,
             tx,
             slots,
             raft,
-            to_error,
         }
     }
 
     /// Replicates `command` (in a batch when others wait too) and answers
     /// its own response.
-    pub async fn propose(&self, group: u32, command: Vec<u8>) -> Outcome {
+    pub async fn propose(&self, command: Vec<u8>) -> Outcome {
         // Nobody waiting and a slot free: write it from here, as it is
         // (no hand-over to the proposer task, so a lone writer pays nothing).
         if self.tx.capacity() == self.tx.max_capacity() {
             if let Ok(slot) = self.slots.clone().try_acquire_owned() {
-                let r = self.raft.client_write(Command(command)).await;
+                let r = write_one(self.group, &self.raft, command).await;
                 drop(slot);
-                return r
-                    .map(|r| (r.data.0, r.log_id.index))
-                    .map_err(|e| (self.to_error)(&e));
+                return r;
             }
         }
+        let group = self.group;
         let (done, rx) = oneshot::channel();
         self.tx
             .send(Pending { command, done })
@@ -119,12 +107,15 @@ impl Proposer {
     }
 }
 
-async fn run(
-    raft: Raft,
-    to_error: ErrorFn,
-    slots: Arc<Semaphore>,
-    mut rx: mpsc::Receiver<Pending>,
-) {
+/// One command as one entry (the format of every entry before batching).
+async fn write_one(group: u32, raft: &Raft, command: Vec<u8>) -> Outcome {
+    raft.client_write(Command(command))
+        .await
+        .map(|r| (r.data.0, r.log_id.index))
+        .map_err(|e| write_error(group, &e))
+}
+
+async fn run(group: u32, raft: Raft, slots: Arc<Semaphore>, mut rx: mpsc::Receiver<Pending>) {
     while let Some(first) = rx.recv().await {
         let Ok(slot) = slots.clone().acquire_owned().await else {
             return;
@@ -141,22 +132,18 @@ async fn run(
                 Err(_) => break,
             }
         }
-        let (raft, to_error) = (raft.clone(), to_error.clone());
+        let raft = raft.clone();
         tokio::spawn(async move {
-            write(&raft, &to_error, batch).await;
+            write(group, &raft, batch).await;
             drop(slot);
         });
     }
 }
 
-async fn write(raft: &Raft, to_error: &ErrorFn, mut batch: Vec<Pending>) {
+async fn write(group: u32, raft: &Raft, mut batch: Vec<Pending>) {
     if batch.len() == 1 {
         let Some(p) = batch.pop() else { return };
-        let r = raft.client_write(Command(p.command)).await;
-        let _ = p.done.send(match r {
-            Ok(r) => Ok((r.data.0, r.log_id.index)),
-            Err(e) => Err(to_error(&e)),
-        });
+        let _ = p.done.send(write_one(group, raft, p.command).await);
         return;
     }
     let commands: Vec<Vec<u8>> = batch
@@ -198,7 +185,7 @@ async fn write(raft: &Raft, to_error: &ErrorFn, mut batch: Vec<Pending>) {
         }
         Err(e) => {
             for p in batch {
-                let _ = p.done.send(Err(to_error(&e)));
+                let _ = p.done.send(Err(write_error(group, &e)));
             }
         }
     }

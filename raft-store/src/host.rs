@@ -133,6 +133,20 @@ fn not_leader<E>(group: u32, fwd: Option<(NodeId, Option<BasicNode>)>) -> Error 
     }
 }
 
+/// A client write's error as this crate's: NotLeader with the leader's
+/// address when openraft forwards, otherwise the error's text.
+pub(crate) fn write_error(
+    group: u32,
+    e: &RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>,
+) -> Error {
+    match e {
+        RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => {
+            not_leader::<()>(group, f.leader_id.map(|id| (id, f.leader_node.clone())))
+        }
+        other => Error::Raft(format!("group {group}: {other}")),
+    }
+}
+
 impl RaftHost {
     /// Opens the node's database (refusing a damaged or foreign one) and the
     /// shared WAL syncer. Groups are started separately.
@@ -322,15 +336,7 @@ impl RaftHost {
         let raft = Raft::new(self.cfg.node_id, self.raft_config()?, net, log, sm.clone())
             .await
             .map_err(|e| Error::Raft(format!("group {group}: {e}")))?;
-        let proposer = crate::batch::Proposer::start(
-            raft.clone(),
-            Arc::new(move |e| match e {
-                RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => {
-                    not_leader::<()>(group, f.leader_id.map(|id| (id, f.leader_node.clone())))
-                }
-                e => Error::Raft(format!("group {group}: {e}")),
-            }),
-        );
+        let proposer = crate::batch::Proposer::start(group, raft.clone());
         self.groups
             .write()
             .map_err(|_| Error::Poisoned)?
@@ -411,7 +417,7 @@ impl RaftHost {
                 "group {group}: a command may not start with the batch mark"
             )));
         }
-        let (response, index) = g.proposer.propose(group, command).await?;
+        let (response, index) = g.proposer.propose(command).await?;
         Ok(Proposed { response, index })
     }
 
@@ -468,7 +474,7 @@ impl RaftHost {
             )
             .await
             .map(|_| ())
-            .map_err(|e| self.write_err(group, e))
+            .map_err(|e| write_error(group, &e))
     }
 
     /// Removes learners from the group's membership.
@@ -478,7 +484,7 @@ impl RaftHost {
             .change_membership(ChangeMembers::RemoveNodes(ids), false)
             .await
             .map(|_| ())
-            .map_err(|e| self.write_err(group, e))
+            .map_err(|e| write_error(group, &e))
     }
 
     /// Snapshots built (log compaction), sent and installed since start.
@@ -510,20 +516,7 @@ impl RaftHost {
             .change_membership(ChangeMembers::ReplaceAllVoters(voters), false)
             .await
             .map(|_| ())
-            .map_err(|e| self.write_err(group, e))
-    }
-
-    fn write_err(
-        &self,
-        group: u32,
-        e: RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>,
-    ) -> Error {
-        match e {
-            RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => {
-                not_leader::<()>(group, f.leader_id.map(|id| (id, f.leader_node)))
-            }
-            other => Error::Raft(format!("group {group}: {other}")),
-        }
+            .map_err(|e| write_error(group, &e))
     }
 
     /// Asks the group to build a snapshot now (and purge its log behind it).
