@@ -540,12 +540,20 @@ impl Hub {
     }
 
     async fn query(&self, q: Q) -> Result<R, ApiError> {
+        self.query_at(q, Consistency::Linearizable).await
+    }
+
+    /// One read of the push path, within the router's read permits.
+    async fn query_at(&self, q: Q, consistency: Consistency) -> Result<R, ApiError> {
         let _permit = self
             .reads
             .acquire()
             .await
             .map_err(|_| ApiError::Unavailable("shutting down".into()))?;
-        let r = self.cluster.query(q, Instant::now() + self.timeout).await?;
+        let r = self
+            .cluster
+            .query_at(q, consistency, Instant::now() + self.timeout)
+            .await?;
         check(r)
     }
 
@@ -556,12 +564,7 @@ impl Hub {
     /// else (older, an error, a refusal a lagging replica might give) is
     /// None, and the caller asks linearizably.
     async fn query_applied(&self, q: Q, at_least: u64) -> Option<pb::ConversationSync> {
-        let _permit = self.reads.acquire().await.ok()?;
-        let r = self
-            .cluster
-            .query_at(q, Consistency::Stale, Instant::now() + self.timeout)
-            .await;
-        match r {
+        match self.query_at(q, Consistency::Stale).await {
             Ok(R::ConversationSync(s)) if s.token >= at_least => Some(s),
             _ => None,
         }
