@@ -7,7 +7,11 @@
 //!    `sync_interval: always`, one with the default) on loopback.
 //! 3. For 1, 16 and 256 closed-loop clients: each system in turn, `passes`
 //!    times (the order rotating), so machine noise hits all alike; the same
-//!    work everywhere: a 200-byte durable, 3-way replicated append.
+//!    work everywhere: a 200-byte durable, 3-way replicated append. Natter's
+//!    clients are what a messenger sees: each client is its own user with
+//!    one connected device, and clients 2p and 2p+1 chat in one two-member
+//!    conversation, so every send also updates two feeds and is pushed to
+//!    both devices (client 0 alone has an offline partner).
 //! 4. Natter only: delivery latency, groups, idle connections, sustained
 //!    open-loop load, delta sync vs history size, failover and catch-up.
 //! 5. Markdown table + JSON in `--out-dir`.
@@ -91,7 +95,8 @@ struct Systems {
     etcd: Option<Etcd>,
     nats_always: Option<Nats>,
     nats_default: Option<Nats>,
-    sender: natter::User,
+    /// Client `w` is `senders[w]`, chatting in `convs[w / 2]`.
+    senders: Vec<natter::User>,
     convs: Vec<String>,
     _dir: tempfile::TempDir,
 }
@@ -129,6 +134,12 @@ impl Systems {
         }
     }
 
+    /// The conversation client `w` sends in: the one it shares with its
+    /// pair partner.
+    fn conv_of(&self, w: usize) -> String {
+        self.convs[(w % self.senders.len()) / 2].clone()
+    }
+
     /// `count` connected closed-loop clients of `system`.
     async fn workers(&self, system: &str, count: usize) -> Result<Vec<Worker>> {
         let mut out = Vec::with_capacity(count);
@@ -137,16 +148,16 @@ impl Systems {
                 NATTER_WS => Worker::NatterWs {
                     client: natter_tests::router::Client::connect(
                         self.natter.router(0),
-                        &self.sender.token,
+                        &self.senders[w % self.senders.len()].token,
                     )
                     .await?,
-                    conversation: self.convs[w % self.convs.len()].clone(),
+                    conversation: self.conv_of(w),
                     prefix: format!("c{count}-w{w}-{}", &natter_tests::natter::uuid()[..8]),
                 },
                 NATTER_GRPC => Worker::NatterGrpc {
                     api: natter_tests::grpc::api(self.natter.router(0)).await?,
-                    token: self.sender.token.clone(),
-                    conversation: self.convs[w % self.convs.len()].clone(),
+                    token: self.senders[w % self.senders.len()].token.clone(),
+                    conversation: self.conv_of(w),
                     prefix: format!("g{count}-w{w}-{}", &natter_tests::natter::uuid()[..8]),
                 },
                 ETCD => {
@@ -217,12 +228,21 @@ pub async fn run(o: &Opts) -> Result<()> {
 
     eprintln!("== starting Natter (3 nodes, 2 routers)");
     let natter = NatterSys::start(8).await?;
-    let sender = natter.user().await?;
+    // One user per client (the most clients of any row or of the
+    // sustained run), paired; conversations spread evenly over the shards.
+    let most = o
+        .concurrency
+        .iter()
+        .copied()
+        .chain([sustained_conns(o.quick)])
+        .max()
+        .unwrap_or(1);
+    let senders = natter.users(most.max(2).next_multiple_of(2)).await?;
     let mut convs = Vec::new();
-    for i in 0..64u32 {
+    for (p, pair) in senders.chunks(2).enumerate() {
         convs.push(
             natter
-                .group_on(1 + i % natter.cluster.shards, &sender, &[])
+                .group_on(1 + p as u32 % natter.cluster.shards, &pair[0], &pair[1..])
                 .await?,
         );
     }
@@ -244,7 +264,7 @@ pub async fn run(o: &Opts) -> Result<()> {
         etcd,
         nats_always,
         nats_default,
-        sender,
+        senders,
         convs,
         _dir: dir,
     };
@@ -306,7 +326,7 @@ pub async fn run(o: &Opts) -> Result<()> {
         etcd,
         nats_always,
         nats_default,
-        sender,
+        senders,
         convs,
         _dir,
     } = systems;
@@ -317,15 +337,13 @@ pub async fn run(o: &Opts) -> Result<()> {
     let mut extra = serde_json::Map::new();
     eprintln!("== sustained open-loop load");
     {
-        let conns = natter::connect_all(
-            &[n.router(0)],
-            &vec![sender.clone(); if o.quick { 16 } else { 128 }],
-            32,
-        )
-        .await?;
+        let k = sustained_conns(o.quick);
+        let conns = natter::connect_all(&[n.router(0)], &senders[..k], 32).await?;
+        // Connection i is senders[i]: it sends in convs[i / 2].
+        let conv_of: Vec<String> = (0..k).map(|i| convs[i / 2].clone()).collect();
         let pids = n.pids();
         let before = sys::cpu_secs_all(&pids);
-        let r = load::open_loop(conns, &convs, o.sustained_rate, o.sustained_secs, 64).await?;
+        let r = load::open_loop(conns, &conv_of, o.sustained_rate, o.sustained_secs, 64).await?;
         extra.insert(
             "sustained".into(),
             json!({
@@ -403,6 +421,15 @@ pub async fn run(o: &Opts) -> Result<()> {
     std::fs::write(format!("{base}.md"), &md)?;
     eprintln!("results written to {base}.json and {base}.md");
     Ok(())
+}
+
+/// Connections of the sustained open-loop run.
+fn sustained_conns(quick: bool) -> usize {
+    if quick {
+        16
+    } else {
+        128
+    }
 }
 
 fn f(v: &Value) -> f64 {
