@@ -105,16 +105,20 @@ pub(crate) fn u64_at(key: &[u8], at: usize) -> KvResult<u64> {
 
 /// The shard's current time (0 before the first command).
 pub(crate) fn clock(kv: &dyn KvRead) -> KvResult<u64> {
-    Ok(get::<pb::ClockRow>(kv, &keys::clock())?.map_or(0, |c| c.now_ms))
+    Ok(clock_row(kv)?.now_ms)
 }
 
-/// Moves the shard clock to `max(stamp, clock)` and returns it.
-pub(crate) fn advance_clock(kv: &mut dyn KvWrite, stamp: u64) -> KvResult<u64> {
-    let last = clock(&*kv)?;
-    if stamp > last {
-        put(kv, &keys::clock(), &pb::ClockRow { now_ms: stamp });
-        Ok(stamp)
-    } else {
-        Ok(last)
+/// The shard's clock row (default before the first command).
+pub(crate) fn clock_row(kv: &dyn KvRead) -> KvResult<pb::ClockRow> {
+    Ok(get::<pb::ClockRow>(kv, &keys::clock())?.unwrap_or_default())
+}
+
+/// Moves the shard clock to `max(stamp, clock)` and returns the row.
+pub(crate) fn advance_clock(kv: &mut dyn KvWrite, stamp: u64) -> KvResult<pb::ClockRow> {
+    let mut row = clock_row(&*kv)?;
+    if stamp > row.now_ms {
+        row.now_ms = stamp;
+        put(kv, &keys::clock(), &row);
     }
+    Ok(row)
 }

@@ -391,13 +391,13 @@ fn set_retention(
         let due = oldest
             .map_or(now, |m| m.created_at_ms.saturating_add(retention_ms))
             .max(1);
-        schedule_retention(kv, conv, due);
+        schedule_retention(kv, conv, due)?;
     }
     Ok(())
 }
 
 /// Records when the conversation's next retention purge is due.
-pub(crate) fn schedule_retention(kv: &mut dyn KvWrite, conv: &mut Conv, due: u64) {
+pub(crate) fn schedule_retention(kv: &mut dyn KvWrite, conv: &mut Conv, due: u64) -> KvResult<()> {
     conv.row.retention_due_ms = due;
     put(
         kv,
@@ -407,6 +407,7 @@ pub(crate) fn schedule_retention(kv: &mut dyn KvWrite, conv: &mut Conv, due: u64
             ..Default::default()
         },
     );
+    crate::expiry::schedule(kv, due)
 }
 
 pub(crate) fn update(kv: &mut dyn KvWrite, now: u64, c: pb::UpdateConversation) -> Res<R> {
@@ -525,6 +526,7 @@ pub(crate) fn delete(kv: &mut dyn KvWrite, now: u64, c: pb::DeleteConversation) 
             conv.row.retention_due_ms = 0;
         }
         put(kv, &keys::purge(&id), &pb::PurgeRow { deleted_at_ms: now });
+        crate::expiry::schedule(kv, now)?;
         let row = conv.save(kv, Fanout::Everyone, &[])?;
         return Ok(R::Conversation(view(&row, &c.actor_id)));
     }

@@ -1,8 +1,9 @@
 //! Housekeeping: expiring messages and purging deleted conversations.
 //!
 //! Runs at the start of every applied command with the shard's stamped
-//! time, and does at most [`EXPIRY_BUDGET`] rows of work, so a command's
-//! cost stays bounded; what is left waits for the next command. The leader
+//! time when its agenda (in the clock row) says something may be due, and
+//! does at most [`EXPIRY_BUDGET`] rows of work, so a command's cost stays
+//! bounded; what is left waits for the next command. The leader
 //! proposes `Tick` (a command with only a stamp) when `NextExpiry` says
 //! something is due, so expiry happens even on an idle shard.
 //!
@@ -27,7 +28,7 @@ use std::ops::Bound;
 
 use natter_kv::{prefix_end, KvRead, KvResult, KvWrite};
 
-use crate::codec::{decode, get, u64_at};
+use crate::codec::{decode, get, put, u64_at};
 use crate::conversations::{schedule_retention, Conv, Fanout};
 use crate::ids::Id;
 use crate::keys;
@@ -49,9 +50,23 @@ fn due(
     }
 }
 
-/// Runs one budget of housekeeping at `now`; returns the number of messages
-/// expired or purged.
-pub(crate) fn housekeeping(kv: &mut dyn KvWrite, now: u64) -> KvResult<u32> {
+/// Runs one budget of housekeeping at the shard time of `clock` (the clock
+/// row as this command left it); returns the number of messages expired or
+/// purged.
+///
+/// The clock row carries the agenda (`housekeeping_at_ms`): a lower bound
+/// on the earliest entry of every expiry table. Before it, nothing can be
+/// due and the scans are skipped — most commands. After a run the agenda is
+/// recomputed from the tables; in between, every new entry lowers it
+/// ([`schedule`]). Because it is only ever a lower bound, skipping changes
+/// no outcome: a command runs housekeeping exactly when it would find work.
+pub(crate) fn housekeeping(kv: &mut dyn KvWrite, mut clock: pb::ClockRow) -> KvResult<u32> {
+    let now = clock.now_ms;
+    match clock.housekeeping_at_ms {
+        Some(0) => return Ok(0),
+        Some(at) if at > now => return Ok(0),
+        _ => {}
+    }
     let mut budget = EXPIRY_BUDGET;
     let mut done = 0;
     done += purge_deleted(kv, &mut budget)?;
@@ -59,7 +74,26 @@ pub(crate) fn housekeeping(kv: &mut dyn KvWrite, now: u64) -> KvResult<u32> {
     done += expire_retention(kv, now, &mut budget)?;
     // Not counted: `Ticked.purged` counts messages.
     crate::sessions::purge_expired(kv, now, &mut budget)?;
+    // Work left over (budget spent) is due now, so the next command resumes.
+    clock.housekeeping_at_ms = Some(next_expiry(&*kv)?);
+    put(kv, &keys::clock(), &clock);
     Ok(done)
+}
+
+/// An entry due at `at` was just added to an expiry table: lowers the
+/// agenda to it so housekeeping looks then.
+pub(crate) fn schedule(kv: &mut dyn KvWrite, at: u64) -> KvResult<()> {
+    let at = at.max(1);
+    let mut clock = crate::codec::clock_row(&*kv)?;
+    match clock.housekeeping_at_ms {
+        // Unknown: the next command recomputes it anyway.
+        None => return Ok(()),
+        Some(t) if t != 0 && t <= at => return Ok(()),
+        Some(_) => {}
+    }
+    clock.housekeeping_at_ms = Some(at);
+    put(kv, &keys::clock(), &clock);
+    Ok(())
 }
 
 fn purge_deleted(kv: &mut dyn KvWrite, budget: &mut usize) -> KvResult<u32> {
@@ -206,7 +240,7 @@ fn expire_retention(kv: &mut dyn KvWrite, now: u64, budget: &mut usize) -> KvRes
             0
         };
         if next > 0 {
-            schedule_retention(kv, &mut conv, next);
+            schedule_retention(kv, &mut conv, next)?;
         }
         if changed {
             conv.save(kv, Fanout::Everyone, &[])?;

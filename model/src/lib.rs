@@ -208,8 +208,9 @@ impl StateMachine for Model {
             Ok(c) => c,
             Err(e) => return answer(Err(invalid(format!("undecodable command: {e}")))),
         };
-        let now = codec::advance_clock(kv, cmd.stamp.map_or(0, |s| s.now_ms))?;
-        let purged = expiry::housekeeping(kv, now)?;
+        let clock = codec::advance_clock(kv, cmd.stamp.map_or(0, |s| s.now_ms))?;
+        let now = clock.now_ms;
+        let purged = expiry::housekeeping(kv, clock)?;
         let Some(op) = cmd.op else {
             return answer(Err(invalid("command has no operation")));
         };

@@ -178,6 +178,7 @@ pub(crate) fn send(kv: &mut dyn KvWrite, now: u64, c: pb::SendMessage) -> Res<R>
                 ..Default::default()
             },
         );
+        crate::expiry::schedule(kv, expires_at)?;
     }
     conv.row.last_seq = seq;
     conv.row.last_activity_ms = now;
@@ -193,7 +194,7 @@ pub(crate) fn send(kv: &mut dyn KvWrite, now: u64, c: pb::SendMessage) -> Res<R>
     }
     if conv.row.retention_ms > 0 && conv.row.retention_due_ms == 0 {
         let due = now.saturating_add(conv.row.retention_ms);
-        schedule_retention(kv, &mut conv, due);
+        schedule_retention(kv, &mut conv, due)?;
     }
     conv.save(kv, Fanout::Everyone, &[])?;
     Ok(R::Sent(pb::SendResult {

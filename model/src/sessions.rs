@@ -60,6 +60,7 @@ pub(crate) fn create(kv: &mut dyn KvWrite, now: u64, c: pb::CreateSession) -> Re
     };
     put(kv, &key, &s);
     kv.put(&keys::session_expiry(s.expires_at_ms, &s.token_hash), &[]);
+    crate::expiry::schedule(kv, s.expires_at_ms)?;
     Ok(R::Session(s))
 }
 

@@ -71,6 +71,18 @@ impl World {
         let out = Model
             .apply(&mut self.shards[shard], bytes)
             .expect("storage error");
+        // Housekeeping's agenda never passes a due entry (else a command
+        // would skip work it must do): checked after every command of
+        // every model test.
+        let kv = &self.shards[shard];
+        let clock = crate::codec::clock_row(kv).expect("clock row");
+        if let Some(at) = clock.housekeeping_at_ms {
+            let next = crate::expiry::next_expiry(kv).expect("next expiry");
+            assert!(
+                next == 0 || (at != 0 && at <= next),
+                "housekeeping agenda {at} is after the first due entry {next}"
+            );
+        }
         decode_response(&out)
             .expect("undecodable response")
             .expect("empty response")
