@@ -6,7 +6,12 @@
 //!   create a session: the client gets 32 random bytes (base64url) once; the
 //!   cluster stores only their SHA-256 with the user id, device and expiry.
 //! * Every WebSocket and authenticated call checks the token's session
-//!   (`GetSession`, linearizable), so logout and expiry take effect at once.
+//!   (`GetSession`, linearizable) — or this router's own answer to that
+//!   question from at most [`SESSION_CACHE_TTL`] ago (and never past the
+//!   session's expiry), so a gRPC client's every call doesn't cost a
+//!   read-index round. Logout through this router takes effect here at
+//!   once; through another router, within that window (open WebSockets
+//!   learn it within `--session-recheck-secs`).
 //!
 //! Password hashing is deliberately slow and memory-hard (argon2id, 19 MiB
 //! per hash), so it runs on a small pool of dedicated threads
@@ -51,8 +56,56 @@ pub struct Login {
     pub expires_at_ms: u64,
 }
 
+/// How long a verified session is trusted without asking the cluster again
+/// (at most `--session-recheck-secs`).
+pub const SESSION_CACHE_TTL: Duration = Duration::from_secs(5);
+/// Most sessions remembered at once.
+const SESSION_CACHE_MAX: usize = 100_000;
+
+/// Sessions this router verified recently: token hash → (session, when).
+#[derive(Default)]
+struct SessionCache {
+    ttl: Duration,
+    map: std::sync::Mutex<std::collections::HashMap<[u8; 32], (SessionInfo, Instant)>>,
+}
+
+impl SessionCache {
+    fn get(&self, hash: &[u8; 32]) -> Option<SessionInfo> {
+        let mut map = self.map.lock().ok()?;
+        let (s, at) = map.get(hash)?;
+        if at.elapsed() < self.ttl && crate::now_ms() < s.expires_at_ms {
+            return Some(s.clone());
+        }
+        map.remove(hash);
+        None
+    }
+
+    fn put(&self, s: &SessionInfo) {
+        if self.ttl.is_zero() {
+            return;
+        }
+        if let Ok(mut map) = self.map.lock() {
+            if map.len() >= SESSION_CACHE_MAX {
+                let ttl = self.ttl;
+                map.retain(|_, (_, at)| at.elapsed() < ttl);
+                if map.len() >= SESSION_CACHE_MAX {
+                    map.clear();
+                }
+            }
+            map.insert(s.token_hash, (s.clone(), Instant::now()));
+        }
+    }
+
+    fn forget(&self, hash: &[u8; 32]) {
+        if let Ok(mut map) = self.map.lock() {
+            map.remove(hash);
+        }
+    }
+}
+
 pub struct Accounts {
     cluster: Cluster,
+    sessions: SessionCache,
     session_ttl: Duration,
     timeout: Duration,
     hashing: mpsc::Sender<Job>,
@@ -240,6 +293,7 @@ impl Accounts {
         let hashing = hash_pool(hash_concurrency.max(1))?;
         let mut a = Accounts {
             cluster,
+            sessions: SessionCache::default(),
             session_ttl,
             timeout,
             hashing,
@@ -255,6 +309,12 @@ impl Accounts {
     /// Sets this router's region (and the routers of the others).
     pub fn with_regions(mut self, regions: crate::region::Regions) -> Accounts {
         self.regions = regions;
+        self
+    }
+
+    /// Trusts a verified session for `min(SESSION_CACHE_TTL, recheck)`.
+    pub fn with_session_cache(mut self, recheck: Duration) -> Accounts {
+        self.sessions.ttl = SESSION_CACHE_TTL.min(recheck);
         self
     }
 
@@ -457,12 +517,19 @@ impl Accounts {
 
     /// Checks a client's token.
     pub async fn authenticate(&self, token: &str) -> Result<SessionInfo, ApiError> {
-        self.session(token_hash(token)?).await
+        let hash = token_hash(token)?;
+        if let Some(s) = self.sessions.get(&hash) {
+            return Ok(s);
+        }
+        let s = self.session(hash).await?;
+        self.sessions.put(&s);
+        Ok(s)
     }
 
     /// Revokes the token's session (it must be valid).
     pub async fn logout(&self, token: &str) -> Result<SessionInfo, ApiError> {
         let s = self.authenticate(token).await?;
+        self.sessions.forget(&s.token_hash);
         let r = self
             .cluster
             .exec(
@@ -482,6 +549,42 @@ impl Accounts {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cached_sessions_end_at_ttl_expiry_or_logout() {
+        let session = |hash: u8, expires_at_ms: u64| SessionInfo {
+            user_id: "u".into(),
+            token_hash: [hash; 32],
+            device: "d".into(),
+            expires_at_ms,
+        };
+        let later = crate::now_ms() + 60_000;
+        let c = SessionCache {
+            ttl: Duration::from_secs(60),
+            ..Default::default()
+        };
+        c.put(&session(1, later));
+        assert_eq!(c.get(&[1; 32]).map(|s| s.token_hash), Some([1; 32]));
+        assert!(c.get(&[2; 32]).is_none(), "never verified");
+        // Past the session's own expiry: asked again, whatever the TTL.
+        c.put(&session(3, crate::now_ms().saturating_sub(1)));
+        assert!(c.get(&[3; 32]).is_none());
+        // Logout through this router forgets it at once.
+        c.forget(&[1; 32]);
+        assert!(c.get(&[1; 32]).is_none());
+        // Past the TTL: asked again.
+        let short = SessionCache {
+            ttl: Duration::from_millis(1),
+            ..Default::default()
+        };
+        short.put(&session(4, later));
+        std::thread::sleep(Duration::from_millis(5));
+        assert!(short.get(&[4; 32]).is_none());
+        // A zero TTL (recheck of 0) caches nothing.
+        let off = SessionCache::default();
+        off.put(&session(5, later));
+        assert!(off.get(&[5; 32]).is_none());
+    }
 
     #[test]
     fn tokens_round_trip_and_forgeries_are_refused() {

@@ -100,7 +100,8 @@ pub async fn serve(
         config.hash_concurrency,
     )
     .await?
-    .with_regions(config.regions.clone());
+    .with_regions(config.regions.clone())
+    .with_session_cache(config.session_recheck);
     let hub = Hub::new(cluster.clone(), config.push_page, config.request_timeout);
     let watchers_stop = CancellationToken::new();
     let watchers = tokio::spawn(hub.clone().watch_cluster(watchers_stop.clone()));
@@ -175,4 +176,13 @@ pub async fn serve(
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Wall-clock milliseconds since the Unix epoch (0 if the clock is before it).
+pub(crate) fn now_ms() -> u64 {
+    use std::time::{SystemTime, UNIX_EPOCH};
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
 }

@@ -16,7 +16,9 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::Instant;
+
+use crate::now_ms;
 
 use axum::body::Body;
 use axum::extract::rejection::QueryRejection;
@@ -265,13 +267,6 @@ impl Media {
 
 fn key(kind: &str, conv: &str, sha: &str) -> StorePath {
     StorePath::from(format!("{kind}/{conv}/{sha}"))
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
 }
 
 /// Expiry of URLs handed out now: the end of tomorrow (UTC), so a URL is

@@ -7,7 +7,9 @@
 //! set of values (op names, error codes, event names, limit names).
 
 use std::sync::LazyLock;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
+
+use crate::now_ms;
 
 use natter_model::pb::{command::Op, query::Q};
 use prometheus::{
@@ -216,13 +218,6 @@ pub fn cluster_request(op: &str, ok: bool, took: Duration) {
             .with_label_values(&[op, if ok { "ok" } else { "error" }])
             .observe(took.as_secs_f64())
     });
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
 }
 
 /// The metric label of a model command.

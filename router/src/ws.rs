@@ -7,7 +7,7 @@
 //! revoked). The push hub feeds the same outgoing queue.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
 use futures::stream::{SplitSink, SplitStream};
@@ -20,6 +20,7 @@ use crate::auth::SessionInfo;
 use crate::conn::{close, Closer, Frame, Outbound};
 use crate::error::ApiError;
 use crate::frame::{bad, parse_frame, BadFrame, Parsed};
+use crate::now_ms;
 use crate::ops::{Ops, Request};
 use crate::presence::presence_json;
 use crate::push::{Device, Resume};
@@ -39,13 +40,6 @@ pub fn reply_ok(id: &Value, ok: Value) -> Value {
 
 pub fn reply_err(id: &Value, code: &str, message: &str) -> Value {
     json!({"v": 1, "id": id, "error": {"code": code, "message": message}})
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
 }
 
 /// Serves one upgraded connection until it closes.
