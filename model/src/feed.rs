@@ -92,6 +92,7 @@ pub(crate) fn apply_updates(kv: &mut dyn KvWrite, now: u64, c: pb::ApplyFeedUpda
     }
     let friend_updates = friends::parse_index_updates(c.friend_updates)?;
     let (mut applied, mut ignored) = (0, 0);
+    let mut versions = std::collections::BTreeMap::new();
     for (user, conv, u) in feed {
         let old = get::<pb::FeedEntry>(&*kv, &keys::feed(&user, &conv))?;
         if old
@@ -109,6 +110,7 @@ pub(crate) fn apply_updates(kv: &mut dyn KvWrite, now: u64, c: pb::ApplyFeedUpda
         };
         let e = write_entry(kv, &user, &conv, e, old.as_ref())?;
         crate::notify::on_feed_update(kv, now, &user, &conv, old.as_ref(), &e)?;
+        versions.insert(user.to_string(), e.feed_version);
         applied += 1;
     }
     for (user, other, u) in friend_updates {
@@ -118,7 +120,15 @@ pub(crate) fn apply_updates(kv: &mut dyn KvWrite, now: u64, c: pb::ApplyFeedUpda
             ignored += 1;
         }
     }
-    Ok(R::FeedApplied(pb::FeedApplied { applied, ignored }))
+    let feeds = versions
+        .into_iter()
+        .map(|(user_id, version)| pb::FeedVersion { user_id, version })
+        .collect();
+    Ok(R::FeedApplied(pb::FeedApplied {
+        applied,
+        ignored,
+        feeds,
+    }))
 }
 
 /// Command `SetFeedFlags`.

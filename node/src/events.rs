@@ -63,11 +63,16 @@ pub fn changes(command: &[u8], response: &[u8]) -> Vec<Change> {
             .map(|id| vec![change(Conversation, &id, version)])
             .unwrap_or_default(),
         Op::ApplyFeedUpdates(a) => {
-            let mut v: Vec<Change> = a
-                .updates
-                .iter()
-                .map(|u| change(Feed, &u.user_id, 0))
-                .collect();
+            // The feeds that changed, at their new versions (an update
+            // ignored as stale changed nothing and is not named).
+            let mut v: Vec<Change> = match &r {
+                R::FeedApplied(f) => f
+                    .feeds
+                    .iter()
+                    .map(|f| change(Feed, &f.user_id, f.version))
+                    .collect(),
+                _ => Vec::new(),
+            };
             v.extend(
                 a.friend_updates
                     .iter()
@@ -77,7 +82,13 @@ pub fn changes(command: &[u8], response: &[u8]) -> Vec<Change> {
             v.dedup_by(|x, y| x.kind == y.kind && x.id == y.id);
             v
         }
-        Op::SetFeedFlags(f) => vec![change(Feed, &f.user_id, 0)],
+        Op::SetFeedFlags(f) => {
+            let version = match &r {
+                R::FeedEntry(e) => e.feed_version,
+                _ => 0,
+            };
+            vec![change(Feed, &f.user_id, version)]
+        }
         _ => Vec::new(),
     }
 }

@@ -51,12 +51,27 @@ pub struct Resume {
 struct Dirty {
     resumes: Vec<Resume>,
     feed: bool,
+    /// The highest feed version an event named, when every feed mark named
+    /// one (0: some reason to sync the feed came without a version).
+    feed_at: u64,
     all: bool,
     /// Conversation → highest version an event named (0 = unknown).
     convs: BTreeMap<String, u64>,
 }
 
 impl Dirty {
+    /// The feed changed, at `version` (0 = unknown).
+    fn mark_feed(&mut self, version: u64) {
+        self.feed_at = if !self.feed {
+            version
+        } else if self.feed_at == 0 || version == 0 {
+            0
+        } else {
+            self.feed_at.max(version)
+        };
+        self.feed = true;
+    }
+
     fn is_empty(&self) -> bool {
         self.resumes.is_empty() && !self.feed && !self.all && self.convs.is_empty()
     }
@@ -462,7 +477,7 @@ impl Hub {
                     Ok(ChangeKind::Feed) => {
                         for d in ix.by_user.get(&ch.id).into_iter().flatten() {
                             if let Some(d) = ix.devices.get(d) {
-                                d.mark(|x| x.feed = true);
+                                d.mark(|x| x.mark_feed(ch.version));
                             }
                         }
                     }
@@ -557,15 +572,16 @@ impl Hub {
         check(r)
     }
 
-    /// A conversation sync after a change event, without the read-index
-    /// round of a linearizable read: any replica's applied state is
-    /// committed, so an answer that already reaches the event's version
+    /// A conversation or feed delta sync after a change event, without the
+    /// read-index round of a linearizable read: any replica's applied state
+    /// is committed, so an answer that already reaches the event's version
     /// (`at_least`) is as good as a linearizable one for this push. Anything
-    /// else (older, an error, a refusal a lagging replica might give) is
-    /// None, and the caller asks linearizably.
-    async fn query_applied(&self, q: Q, at_least: u64) -> Option<pb::ConversationSync> {
+    /// else (older, a cold start, an error, a refusal a lagging replica
+    /// might give) is None, and the caller asks linearizably.
+    async fn query_applied(&self, q: Q, at_least: u64) -> Option<R> {
         match self.query_at(q, Consistency::Stale).await {
-            Ok(R::ConversationSync(s)) if s.token >= at_least => Some(s),
+            Ok(R::ConversationSync(s)) if s.token >= at_least => Some(R::ConversationSync(s)),
+            Ok(R::Feed(p)) if !p.cold_start && p.token >= at_least => Some(R::Feed(p)),
             _ => None,
         }
     }
@@ -590,7 +606,7 @@ impl Hub {
             if r.feed_token > 0 {
                 st.feed_token = r.feed_token;
             }
-            work.feed = true;
+            work.mark_feed(0);
         }
         if !st.live {
             return Ok(());
@@ -599,25 +615,51 @@ impl Hub {
             self.scan_feed(dev, st).await?;
         }
         if work.all {
-            work.feed = true;
+            work.mark_feed(0);
             for (c, t) in &st.convs {
                 if *t > 0 {
                     work.convs.entry(c.clone()).or_insert(0);
                 }
             }
         }
-        if work.feed {
-            self.sync_feed(dev, st, &mut work.convs).await?;
+        // Conversations the device already holds first: the message a push
+        // carries matters more than the feed row that follows it.
+        let held: Vec<(String, u64)> = work
+            .convs
+            .iter()
+            .filter(|(c, _)| st.convs.get(*c).is_some_and(|t| *t > 0))
+            .map(|(c, h)| (c.clone(), *h))
+            .collect();
+        for (c, hint) in held {
+            work.convs.remove(&c);
+            self.sync_if_behind(dev, st, &c, hint).await?;
+        }
+        // A feed event naming a version the device already has is done.
+        if work.feed && !(work.feed_at > 0 && work.feed_at <= st.feed_token) {
+            self.sync_feed(dev, st, &mut work.convs, work.feed_at)
+                .await?;
         }
         for (c, hint) in work.convs {
-            match st.convs.get(&c) {
-                Some(t) if hint == 0 || *t == 0 || hint > *t => {
-                    self.sync_conversation(dev, st, &c, hint).await?
-                }
-                _ => {}
-            }
+            self.sync_if_behind(dev, st, &c, hint).await?;
         }
         Ok(())
+    }
+
+    /// Syncs a tracked conversation unless its token already reaches the
+    /// version an event named (`hint`, 0 = unknown).
+    async fn sync_if_behind(
+        &self,
+        dev: &Device,
+        st: &mut DeviceState,
+        c: &str,
+        hint: u64,
+    ) -> Result<(), ApiError> {
+        match st.convs.get(c) {
+            Some(t) if hint == 0 || *t == 0 || hint > *t => {
+                self.sync_conversation(dev, st, c, hint).await
+            }
+            _ => Ok(()),
+        }
     }
 
     /// Learns a feed row: tracks or drops its conversation and marks it for
@@ -690,21 +732,31 @@ impl Hub {
 
     /// Pushes the feed's changes since the device's token (a cold start of
     /// every page when it has none) and marks changed conversations.
+    /// `at_least`: the feed version an event named (0 = unknown).
     async fn sync_feed(
         &self,
         dev: &Device,
         st: &mut DeviceState,
         dirty: &mut BTreeMap<String, u64>,
+        mut at_least: u64,
     ) -> Result<(), ApiError> {
         loop {
-            let p = match self
-                .query(Q::SyncFeed(pb::SyncFeed {
-                    user_id: dev.user_id.clone(),
-                    token: st.feed_token,
-                    limit: FEED_PAGE,
-                }))
-                .await?
-            {
+            let q = Q::SyncFeed(pb::SyncFeed {
+                user_id: dev.user_id.clone(),
+                token: st.feed_token,
+                limit: FEED_PAGE,
+            });
+            let fast = if at_least > st.feed_token && st.feed_token > 0 {
+                self.query_applied(q.clone(), at_least).await
+            } else {
+                None
+            };
+            at_least = 0;
+            let r = match fast {
+                Some(r) => r,
+                None => self.query(q).await?,
+            };
+            let p = match r {
                 R::Feed(p) => p,
                 other => return Err(ApiError::unexpected(&other)),
             };
@@ -789,7 +841,7 @@ impl Hub {
             };
             hint = 0;
             let r = match fast {
-                Some(s) => Ok(R::ConversationSync(s)),
+                Some(r) => Ok(r),
                 None => self.query(q).await,
             };
             let s = match r {
@@ -945,5 +997,28 @@ impl Hub {
             }
             backoff = (backoff * 2).min(Duration::from_secs(2));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Dirty;
+
+    #[test]
+    fn feed_marks_keep_the_highest_version_unless_one_is_unknown() {
+        let mut d = Dirty::default();
+        assert!(!d.feed && d.is_empty());
+        d.mark_feed(7);
+        assert_eq!((d.feed, d.feed_at), (true, 7));
+        d.mark_feed(5);
+        assert_eq!(d.feed_at, 7, "an older event never lowers it");
+        d.mark_feed(9);
+        assert_eq!(d.feed_at, 9);
+        // A reason without a version (resume, resync): a full
+        // linearizable sync, whatever versions come after.
+        d.mark_feed(0);
+        assert_eq!(d.feed_at, 0);
+        d.mark_feed(12);
+        assert_eq!((d.feed, d.feed_at), (true, 0));
     }
 }

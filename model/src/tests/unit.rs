@@ -900,10 +900,24 @@ fn the_outbox_coalesces_and_stale_acks_keep_newer_updates() {
     let second = pending(&w);
     assert!(second.entries.iter().all(|e| e.version > version));
     for (s, batch) in outbox_deliveries(&second.entries, 1) {
-        want!(
+        let r = want!(
             w.exec_on(s as usize - 1, Op::ApplyFeedUpdates(batch)),
             FeedApplied
         );
+        // Each changed feed is named with its version after the command:
+        // exactly the token a full sync of that feed now answers.
+        assert_eq!(r.feeds.len(), 3, "one version per member's feed");
+        for f in &r.feeds {
+            let page = want!(
+                w.ask(Q::SyncFeed(pb::SyncFeed {
+                    user_id: f.user_id.clone(),
+                    token: 0,
+                    limit: 50,
+                })),
+                Feed
+            );
+            assert_eq!(page.token, f.version, "feed version of {}", f.user_id);
+        }
     }
     for (s, batch) in outbox_deliveries(&first.entries, 1) {
         let r = want!(
@@ -911,6 +925,7 @@ fn the_outbox_coalesces_and_stale_acks_keep_newer_updates() {
             FeedApplied
         );
         assert_eq!((r.applied, r.ignored), (0, 3));
+        assert!(r.feeds.is_empty(), "no feed changed: none named");
     }
     let acked = want!(
         w.exec_on(0, Op::AckOutbox(outbox_ack(&second.entries))),
