@@ -21,7 +21,7 @@ use std::ops::Bound;
 
 use natter_kv::{KvRead, KvWrite};
 
-use crate::codec::{decode, get, page_after, put, scan_from};
+use crate::codec::{get, page_after, put, scan_from};
 use crate::error::{limit, Res};
 use crate::ids::{notification_id, Id};
 use crate::keys;
@@ -58,12 +58,21 @@ pub(crate) fn on_feed_update(
     let preview_seq = u.preview.as_ref().map(|p| p.seq);
     // A pending row stays only while its message is still the unread,
     // visible, unmuted last message: read on a connected device, deleted,
-    // expired, hidden, muted or superseded withdraws it.
-    let prefix = keys::notification_prefix(Some(user), Some(conv));
-    for (k, v) in scan_from(&*kv, &prefix, Bound::Included(&prefix), MAX_BATCH)? {
-        let n = decode::<pb::Notification>(&k, &v)?;
-        if !visible || new.muted || n.seq <= u.last_read_seq || preview_seq != Some(n.seq) {
-            kv.delete(&k);
+    // expired, hidden, muted or superseded withdraws it. This function keeps
+    // at most one row per (user, conversation), at the seq of the preview
+    // the feed row shows, so the old row's preview names the only candidate:
+    // a point lookup, where a scan of the prefix would step over the
+    // tombstone of every predecessor (one per message) until compaction.
+    let old_seq = old
+        .and_then(|o| o.conversation.as_ref())
+        .and_then(|c| c.preview.as_ref())
+        .map(|p| p.seq);
+    if let Some(seq) = old_seq {
+        let k = keys::notification(user, conv, seq);
+        if let Some(n) = get::<pb::Notification>(&*kv, &k)? {
+            if !visible || new.muted || n.seq <= u.last_read_seq || preview_seq != Some(n.seq) {
+                kv.delete(&k);
+            }
         }
     }
     let Some(p) = &u.preview else {

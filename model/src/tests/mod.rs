@@ -83,6 +83,28 @@ impl World {
                 "housekeeping agenda {at} is after the first due entry {next}"
             );
         }
+        // A pending notification is always the one of the preview its feed
+        // row shows (what lets `on_feed_update` find it by a point lookup).
+        let prefix = crate::keys::notification_prefix(None, None);
+        for (k, v) in
+            crate::codec::scan_from(kv, &prefix, std::ops::Bound::Included(&prefix), 100_000)
+                .expect("scan")
+        {
+            let n = crate::codec::decode::<pb::Notification>(&k, &v).expect("notification");
+            let user = crate::ids::Id::parse(&n.user_id, "user").expect("user id");
+            let conv =
+                crate::ids::Id::parse(&n.conversation_id, "conversation").expect("conversation id");
+            let shown = crate::codec::get::<pb::FeedEntry>(kv, &crate::keys::feed(&user, &conv))
+                .expect("feed row")
+                .and_then(|e| e.conversation)
+                .and_then(|c| c.preview)
+                .map(|p| p.seq);
+            assert_eq!(
+                shown,
+                Some(n.seq),
+                "pending notification not at its feed row's preview"
+            );
+        }
         decode_response(&out)
             .expect("undecodable response")
             .expect("empty response")
