@@ -572,18 +572,25 @@ impl Hub {
         check(r)
     }
 
-    /// A conversation or feed delta sync after a change event, without the
-    /// read-index round of a linearizable read: any replica's applied state
-    /// is committed, so an answer that already reaches the event's version
-    /// (`at_least`) is as good as a linearizable one for this push. Anything
-    /// else (older, a cold start, an error, a refusal a lagging replica
-    /// might give) is None, and the caller asks linearizably.
-    async fn query_applied(&self, q: Q, at_least: u64) -> Option<R> {
-        match self.query_at(q, Consistency::Stale).await {
-            Ok(R::ConversationSync(s)) if s.token >= at_least => Some(R::ConversationSync(s)),
-            Ok(R::Feed(p)) if !p.cold_start && p.token >= at_least => Some(R::Feed(p)),
-            _ => None,
+    /// A conversation or feed delta sync from the device's token `from`
+    /// after a change event named version `at_least` (0 = none). It first
+    /// reads without the read-index round of a linearizable read: any
+    /// replica's applied state is committed, so an answer that already
+    /// reaches the event's version is as good as a linearizable one for this
+    /// push. Anything else (older, a cold start, an error, a refusal a
+    /// lagging replica might give), and every sync without an event version
+    /// or from no token, is asked linearizably.
+    async fn query_delta(&self, q: Q, from: u64, at_least: u64) -> Result<R, ApiError> {
+        if at_least > from && from > 0 {
+            match self.query_at(q.clone(), Consistency::Stale).await {
+                Ok(R::ConversationSync(s)) if s.token >= at_least => {
+                    return Ok(R::ConversationSync(s))
+                }
+                Ok(R::Feed(p)) if !p.cold_start && p.token >= at_least => return Ok(R::Feed(p)),
+                _ => {}
+            }
         }
+        self.query(q).await
     }
 
     async fn process(
@@ -746,16 +753,8 @@ impl Hub {
                 token: st.feed_token,
                 limit: FEED_PAGE,
             });
-            let fast = if at_least > st.feed_token && st.feed_token > 0 {
-                self.query_applied(q.clone(), at_least).await
-            } else {
-                None
-            };
+            let r = self.query_delta(q, st.feed_token, at_least).await?;
             at_least = 0;
-            let r = match fast {
-                Some(r) => r,
-                None => self.query(q).await?,
-            };
             let p = match r {
                 R::Feed(p) => p,
                 other => return Err(ApiError::unexpected(&other)),
@@ -834,16 +833,8 @@ impl Hub {
                 token: from,
                 limit: self.page,
             });
-            let fast = if hint > from && from > 0 {
-                self.query_applied(q.clone(), hint).await
-            } else {
-                None
-            };
+            let r = self.query_delta(q, from, hint).await;
             hint = 0;
-            let r = match fast {
-                Some(r) => Ok(r),
-                None => self.query(q).await,
-            };
             let s = match r {
                 Ok(R::ConversationSync(s)) => s,
                 Ok(other) => return Err(ApiError::unexpected(&other)),
