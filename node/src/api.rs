@@ -420,20 +420,34 @@ impl Node for NodeApi {
 }
 
 /// Hands this leader's `group` to `to` (a member at `addr`): refuses writes
-/// meanwhile, and always resumes taking part in elections afterwards.
+/// meanwhile, and always resumes taking part in elections afterwards — also
+/// when the future is dropped midway (a `TransferLeader` caller whose
+/// deadline passed cancels the handler): a node left with its elections
+/// paused could never win back a group whose hand-off failed.
 pub(crate) async fn transfer(
     host: &RaftHost,
     group: u32,
     to: u64,
     addr: &str,
 ) -> Result<(), Status> {
-    let unknown = |e: Error| Status::unavailable(e.to_string());
     host.set_handing_off(group, Some((to, addr.to_string())))
-        .map_err(unknown)?;
-    let outcome = hand_off(host, group, to, addr).await;
-    // Whatever happened, this node takes part in elections again.
-    host.set_handing_off(group, None).map_err(unknown)?;
-    outcome
+        .map_err(|e| Status::unavailable(e.to_string()))?;
+    let _resume = HandOffGuard { host, group };
+    hand_off(host, group, to, addr).await
+}
+
+/// Ends a hand-off when dropped, however the hand-off ended.
+struct HandOffGuard<'a> {
+    host: &'a RaftHost,
+    group: u32,
+}
+
+impl Drop for HandOffGuard<'_> {
+    fn drop(&mut self) {
+        if let Err(e) = self.host.set_handing_off(self.group, None) {
+            tracing::error!(group = self.group, "ending a leader hand-off: {e}");
+        }
+    }
 }
 
 /// Hands `shard` to `to` (writes are already refused): first waits until
@@ -441,7 +455,12 @@ pub(crate) async fn transfer(
 /// run, since a lost append is only resent by a heartbeat or a new write —
 /// then pauses this leader's heartbeats and asks `to` to campaign until it
 /// wins (this node's lease must run out first). A few election timeouts at
-/// most.
+/// most. A write accepted just before the hand-off began may still be
+/// appended after the first check; `to` is only asked to campaign while it
+/// holds everything, since a voter with a longer log refuses its vote. If
+/// it campaigns anyway (a write raced the check), this node steps down to
+/// its higher term and then takes part in elections again at once, winning
+/// the group back rather than leaving it leaderless.
 async fn hand_off(host: &RaftHost, shard: u32, to: u64, addr: &str) -> Result<(), Status> {
     use std::time::{Duration, Instant};
     let caught_up_by = Instant::now() + Duration::from_secs(10);
@@ -462,14 +481,34 @@ async fn hand_off(host: &RaftHost, shard: u32, to: u64, addr: &str) -> Result<()
         .connect_lazy();
     let mut target = natter_proto::cluster::node_client::NodeClient::new(ch);
     let deadline = Instant::now() + Duration::from_secs(15);
+    let mut stepped_down = false;
     while Instant::now() < deadline {
         if host.leader(shard).map(|(id, _)| id) == Some(to) {
             return Ok(());
         }
-        let _ = target
-            .transfer_leader(TransferLeaderRequest { shard, to })
-            .await;
-        tokio::time::sleep(Duration::from_millis(250)).await;
+        let leading = host.is_leader(shard);
+        if stepped_down && leading {
+            // Won it back: `to` could not get the votes.
+            break;
+        }
+        if !leading && !stepped_down {
+            // Stepped down for a higher term — `to`'s campaign, which wins
+            // unless its log is behind ours (a write appended after the
+            // check above). Take part in elections again at once, so that
+            // in that case this node wins the group back instead of leaving
+            // it leaderless until the deadline.
+            stepped_down = true;
+            host.pause_leadership(shard, false)
+                .map_err(|e| Status::unavailable(e.to_string()))?;
+        }
+        let ready = leading && host.caught_up(shard, to);
+        if ready {
+            let _ = target
+                .transfer_leader(TransferLeaderRequest { shard, to })
+                .await;
+        }
+        let pause = if ready { 250 } else { 20 };
+        tokio::time::sleep(Duration::from_millis(pause)).await;
     }
     Err(Status::deadline_exceeded(format!(
         "node {to} did not take over shard {shard}"
