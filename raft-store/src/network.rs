@@ -1,12 +1,17 @@
-//! Outgoing Raft RPCs: one gRPC channel per peer node, shared by every group
-//! (HTTP/2 multiplexes their requests), created lazily and cached.
+//! Outgoing Raft RPCs. One gRPC channel per peer node, shared by every group
+//! and created lazily. Appends and votes travel as frames on one long-lived
+//! `RaftStream` per peer (a unary call per message cost an HTTP/2 stream,
+//! headers and trailers each time: the largest item in a node's profile);
+//! snapshot chunks, and every message to a peer that does not serve the
+//! stream, go as unary `Raft` calls.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use natter_proto::cluster::raft_transport_client::RaftTransportClient;
-use natter_proto::cluster::{RaftKind, RaftRequest};
+use natter_proto::cluster::{RaftFrame, RaftFrameReply, RaftKind, RaftRequest};
 use openraft::error::{
     InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
 };
@@ -17,38 +22,251 @@ use openraft::raft::{
 };
 use openraft::BasicNode;
 use serde::{de::DeserializeOwned, Serialize};
+use tokio::sync::{mpsc, oneshot};
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Status};
 
 use crate::types::{NodeId, TypeConfig};
 
 /// Largest Raft message accepted or sent (an append batch or snapshot chunk).
 pub const MAX_RAFT_MESSAGE: usize = 64 * 1024 * 1024;
 
+/// Frames queued for a peer's stream before senders wait for room.
+const STREAM_QUEUE: usize = 1024;
+
+/// How long a peer that does not serve `RaftStream` (an older version) is
+/// sent unary calls before the stream is tried again.
+const UNARY_FALLBACK: Duration = Duration::from_secs(30);
+
 /// The node's connections to its peers.
 #[derive(Default)]
 pub struct Peers {
-    channels: Mutex<HashMap<String, Channel>>,
+    links: Mutex<HashMap<String, Arc<Link>>>,
 }
 
 impl Peers {
-    /// The channel to `addr` ("host:port"), created on first use.
-    pub fn channel(&self, addr: &str) -> Result<Channel, String> {
+    /// The link to `addr` ("host:port"), created on first use.
+    fn link(&self, addr: &str) -> Result<Arc<Link>, String> {
         let mut map = self
-            .channels
+            .links
             .lock()
             .map_err(|_| "peer map poisoned".to_string())?;
-        if let Some(c) = map.get(addr) {
-            return Ok(c.clone());
+        if let Some(l) = map.get(addr) {
+            return Ok(l.clone());
         }
-        let ch = Endpoint::from_shared(format!("http://{addr}"))
+        let channel = Endpoint::from_shared(format!("http://{addr}"))
             .map_err(|e| format!("bad peer address {addr:?}: {e}"))?
             .connect_timeout(Duration::from_secs(1))
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(10))
             .keep_alive_timeout(Duration::from_secs(5))
             .connect_lazy();
-        map.insert(addr.to_string(), ch.clone());
-        Ok(ch)
+        let link = Arc::new(Link {
+            channel,
+            stream: Mutex::new(None),
+            unary_until: Mutex::new(None),
+        });
+        map.insert(addr.to_string(), link.clone());
+        Ok(link)
+    }
+}
+
+/// Everything this node sends to one peer.
+struct Link {
+    channel: Channel,
+    /// The open stream, if any; replaced when it ends.
+    stream: Mutex<Option<Arc<FrameStream>>>,
+    /// Until then, messages go as unary calls (the peer lacks the stream).
+    unary_until: Mutex<Option<Instant>>,
+}
+
+impl Link {
+    fn client(&self) -> RaftTransportClient<Channel> {
+        RaftTransportClient::new(self.channel.clone())
+            .max_decoding_message_size(MAX_RAFT_MESSAGE)
+            .max_encoding_message_size(MAX_RAFT_MESSAGE)
+    }
+
+    fn streaming(&self) -> bool {
+        match self.unary_until.lock() {
+            Ok(mut u) => match *u {
+                Some(t) if Instant::now() < t => false,
+                Some(_) => {
+                    *u = None;
+                    true
+                }
+                None => true,
+            },
+            Err(_) => false,
+        }
+    }
+
+    fn fall_back_to_unary(&self) {
+        if let Ok(mut u) = self.unary_until.lock() {
+            *u = Some(Instant::now() + UNARY_FALLBACK);
+        }
+    }
+
+    /// The open stream to the peer, opening one if there is none.
+    fn stream(&self) -> Result<Arc<FrameStream>, Status> {
+        let mut cur = self
+            .stream
+            .lock()
+            .map_err(|_| Status::internal("raft stream slot poisoned"))?;
+        if let Some(s) = cur.as_ref().filter(|s| s.open.load(Ordering::SeqCst)) {
+            return Ok(s.clone());
+        }
+        let s = FrameStream::open(self.client());
+        *cur = Some(s.clone());
+        Ok(s)
+    }
+
+    /// Sends one message as a unary call; the encoded reply.
+    async fn unary(&self, req: RaftRequest, ttl: Duration) -> Result<Vec<u8>, Status> {
+        let mut request = tonic::Request::new(req);
+        request.set_timeout(ttl);
+        Ok(self.client().raft(request).await?.into_inner().payload)
+    }
+
+    /// Sends one message, on the stream unless `kind` is a snapshot chunk
+    /// or the peer does not serve streams; the encoded reply.
+    async fn send(&self, req: RaftRequest, ttl: Duration) -> Result<Vec<u8>, Status> {
+        if req.kind == RaftKind::InstallSnapshot as i32 || !self.streaming() {
+            return self.unary(req, ttl).await;
+        }
+        let deadline = tokio::time::Instant::now() + ttl;
+        let res = self.stream()?.call(req, deadline).await;
+        if matches!(&res, Err(s) if s.code() == Code::Unimplemented) {
+            // openraft resends a failed message (a vote at the next
+            // election), and the resend goes unary.
+            tracing::info!("peer does not serve raft streams; sending unary calls");
+            self.fall_back_to_unary();
+        }
+        res
+    }
+}
+
+type Waiter = oneshot::Sender<Result<RaftFrameReply, Status>>;
+
+/// One `RaftStream` to a peer: frames out, replies matched to their
+/// waiters by id. Once it ends (the peer closed it, the connection broke),
+/// every waiter gets the error and the next message opens a new one.
+struct FrameStream {
+    out: mpsc::Sender<RaftFrame>,
+    pending: Mutex<HashMap<u64, Waiter>>,
+    next_id: AtomicU64,
+    open: AtomicBool,
+}
+
+impl FrameStream {
+    fn open(mut client: RaftTransportClient<Channel>) -> Arc<FrameStream> {
+        let (out, rx) = mpsc::channel(STREAM_QUEUE);
+        let s = Arc::new(FrameStream {
+            out,
+            pending: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(1),
+            open: AtomicBool::new(true),
+        });
+        let me = s.clone();
+        tokio::spawn(async move {
+            let ended = match client.raft_stream(ReceiverStream::new(rx)).await {
+                Ok(replies) => {
+                    let mut replies = replies.into_inner();
+                    loop {
+                        match replies.message().await {
+                            Ok(Some(r)) => me.complete(r),
+                            Ok(None) => {
+                                break Status::unavailable("the peer closed the raft stream")
+                            }
+                            Err(e) => break e,
+                        }
+                    }
+                }
+                Err(e) => e,
+            };
+            me.close(&ended);
+        });
+        s
+    }
+
+    fn complete(&self, reply: RaftFrameReply) {
+        let waiter = self
+            .pending
+            .lock()
+            .ok()
+            .and_then(|mut p| p.remove(&reply.id));
+        if let Some(w) = waiter {
+            // The caller may have given up (timeout): nobody to tell.
+            let _ = w.send(Ok(reply));
+        }
+    }
+
+    /// Marks the stream ended and fails every waiter with `why`. A caller
+    /// registering concurrently sees `open` false after registering, so no
+    /// waiter is left behind.
+    fn close(&self, why: &Status) {
+        self.open.store(false, Ordering::SeqCst);
+        let waiters: Vec<Waiter> = match self.pending.lock() {
+            Ok(mut p) => p.drain().map(|(_, w)| w).collect(),
+            Err(_) => Vec::new(),
+        };
+        for w in waiters {
+            let _ = w.send(Err(Status::new(why.code(), why.message().to_string())));
+        }
+    }
+
+    /// Sends `req` and waits for its reply until `deadline`.
+    async fn call(
+        &self,
+        req: RaftRequest,
+        deadline: tokio::time::Instant,
+    ) -> Result<Vec<u8>, Status> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        self.pending
+            .lock()
+            .map_err(|_| Status::internal("raft stream waiters poisoned"))?
+            .insert(id, tx);
+        // Whatever happens below (even the caller dropping this future), the
+        // waiter does not outlive the call.
+        let _forget = Forget { stream: self, id };
+        if !self.open.load(Ordering::SeqCst) {
+            return Err(Status::unavailable("the raft stream ended"));
+        }
+        let frame = RaftFrame {
+            id,
+            request: Some(req),
+        };
+        match tokio::time::timeout_at(deadline, self.out.send(frame)).await {
+            Err(_) => return Err(Status::deadline_exceeded("raft stream send queue full")),
+            Ok(Err(_)) => return Err(Status::unavailable("the raft stream ended")),
+            Ok(Ok(())) => {}
+        }
+        let reply = match tokio::time::timeout_at(deadline, rx).await {
+            Err(_) => return Err(Status::deadline_exceeded("no reply on the raft stream")),
+            Ok(Err(_)) => return Err(Status::unavailable("the raft stream ended")),
+            Ok(Ok(r)) => r?,
+        };
+        if reply.code == Code::Ok as i32 {
+            Ok(reply.payload)
+        } else {
+            Err(Status::new(Code::from(reply.code), reply.message))
+        }
+    }
+}
+
+/// Removes a call's waiter when the call ends.
+struct Forget<'a> {
+    stream: &'a FrameStream,
+    id: u64,
+}
+
+impl Drop for Forget<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut p) = self.stream.pending.lock() {
+            p.remove(&self.id);
+        }
     }
 }
 
@@ -63,16 +281,11 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
     type Network = Conn;
 
     async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> Conn {
-        let client = self.peers.channel(&node.addr).map(|ch| {
-            RaftTransportClient::new(ch)
-                .max_decoding_message_size(MAX_RAFT_MESSAGE)
-                .max_encoding_message_size(MAX_RAFT_MESSAGE)
-        });
         Conn {
             group: self.group,
             from: self.from,
             target,
-            client,
+            link: self.peers.link(&node.addr),
         }
     }
 }
@@ -82,7 +295,7 @@ pub struct Conn {
     group: u32,
     from: NodeId,
     target: NodeId,
-    client: Result<RaftTransportClient<Channel>, String>,
+    link: Result<Arc<Link>, String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -101,28 +314,27 @@ impl Conn {
         Resp: DeserializeOwned,
         E: std::error::Error + DeserializeOwned,
     {
-        let client = match &mut self.client {
-            Ok(c) => c,
+        let link = match &self.link {
+            Ok(l) => l,
             Err(e) => return Err(RPCError::Unreachable(Unreachable::new(&Msg(e.clone())))),
         };
         let payload =
             bincode::serialize(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
-        let mut request = tonic::Request::new(RaftRequest {
+        let request = RaftRequest {
             group: self.group,
             kind: kind as i32,
             payload,
             from: self.from,
-        });
-        request.set_timeout(option.hard_ttl());
-        let reply = client.raft(request).await.map_err(|s| match s.code() {
-            tonic::Code::Unavailable | tonic::Code::NotFound => {
-                RPCError::Unreachable(Unreachable::new(&s))
-            }
-            _ => RPCError::Network(NetworkError::new(&s)),
-        })?;
+        };
+        let reply = link
+            .send(request, option.hard_ttl())
+            .await
+            .map_err(|s| match s.code() {
+                Code::Unavailable | Code::NotFound => RPCError::Unreachable(Unreachable::new(&s)),
+                _ => RPCError::Network(NetworkError::new(&s)),
+            })?;
         let res: Result<Resp, RaftError<NodeId, E>> =
-            bincode::deserialize(&reply.into_inner().payload)
-                .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+            bincode::deserialize(&reply).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         res.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
     }
 }
@@ -153,5 +365,188 @@ impl RaftNetwork<TypeConfig> for Conn {
         option: RPCOption,
     ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
         self.call(RaftKind::Vote, &rpc, &option).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The link against a stand-in peer (a gRPC server on loopback that
+    //! echoes payloads), to check the stream's plumbing without Raft.
+    use std::pin::Pin;
+
+    use futures::Stream;
+    use natter_proto::cluster::raft_transport_server::{RaftTransport, RaftTransportServer};
+    use natter_proto::cluster::RaftReply;
+    use tokio_stream::wrappers::TcpListenerStream;
+    use tonic::{Request, Response, Streaming};
+
+    use super::*;
+
+    /// Echoes each payload (unary and streamed); `streams: false` plays a
+    /// peer of a version without `RaftStream`. Counts unary calls.
+    struct Echo {
+        streams: bool,
+        unary_calls: Arc<AtomicU64>,
+    }
+
+    type Replies = Pin<Box<dyn Stream<Item = Result<RaftFrameReply, Status>> + Send>>;
+
+    #[tonic::async_trait]
+    impl RaftTransport for Echo {
+        async fn raft(
+            &self,
+            r: Request<RaftRequest>,
+        ) -> Result<tonic::Response<RaftReply>, Status> {
+            self.unary_calls.fetch_add(1, Ordering::SeqCst);
+            Ok(Response::new(RaftReply {
+                payload: r.into_inner().payload,
+            }))
+        }
+
+        type RaftStreamStream = Replies;
+
+        async fn raft_stream(
+            &self,
+            r: Request<Streaming<RaftFrame>>,
+        ) -> Result<Response<Replies>, Status> {
+            if !self.streams {
+                return Err(Status::unimplemented("no streams here"));
+            }
+            let mut inbound = r.into_inner();
+            let (tx, rx) = mpsc::channel(16);
+            tokio::spawn(async move {
+                while let Ok(Some(f)) = inbound.message().await {
+                    let payload = f.request.map(|r| r.payload).unwrap_or_default();
+                    // Payload "bye" ends the stream without a reply.
+                    if payload == b"bye" {
+                        return;
+                    }
+                    let reply = RaftFrameReply {
+                        id: f.id,
+                        code: 0,
+                        payload,
+                        message: String::new(),
+                    };
+                    if tx.send(Ok(reply)).await.is_err() {
+                        return;
+                    }
+                }
+            });
+            Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        }
+    }
+
+    async fn peer(streams: bool) -> (String, Arc<AtomicU64>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let unary_calls = Arc::new(AtomicU64::new(0));
+        let echo = Echo {
+            streams,
+            unary_calls: unary_calls.clone(),
+        };
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(RaftTransportServer::new(echo))
+                .serve_with_incoming(TcpListenerStream::new(listener)),
+        );
+        (addr, unary_calls)
+    }
+
+    fn msg(kind: RaftKind, payload: &[u8]) -> RaftRequest {
+        RaftRequest {
+            group: 1,
+            kind: kind as i32,
+            payload: payload.to_vec(),
+            from: 1,
+        }
+    }
+
+    const TTL: Duration = Duration::from_secs(5);
+
+    #[tokio::test]
+    async fn appends_and_votes_share_one_stream_and_snapshots_go_unary() {
+        let (addr, unary_calls) = peer(true).await;
+        let link = Peers::default().link(&addr).unwrap();
+        // Concurrent calls on one stream each get their own reply.
+        let calls = (0..50u8).map(|i| {
+            let link = link.clone();
+            async move {
+                let kind = if i % 2 == 0 {
+                    RaftKind::AppendEntries
+                } else {
+                    RaftKind::Vote
+                };
+                (i, link.send(msg(kind, &[i; 3]), TTL).await.unwrap())
+            }
+        });
+        for (i, reply) in futures::future::join_all(calls).await {
+            assert_eq!(reply, vec![i; 3]);
+        }
+        assert_eq!(unary_calls.load(Ordering::SeqCst), 0);
+        let first = link.stream().unwrap();
+        let reply = link
+            .send(msg(RaftKind::InstallSnapshot, b"chunk"), TTL)
+            .await
+            .unwrap();
+        assert_eq!(reply, b"chunk");
+        assert_eq!(unary_calls.load(Ordering::SeqCst), 1);
+        assert!(Arc::ptr_eq(&first, &link.stream().unwrap()));
+    }
+
+    #[tokio::test]
+    async fn a_stream_that_ends_fails_its_waiters_and_the_next_call_opens_another() {
+        let (addr, _) = peer(true).await;
+        let link = Peers::default().link(&addr).unwrap();
+        assert_eq!(
+            link.send(msg(RaftKind::Vote, b"hi"), TTL).await.unwrap(),
+            b"hi"
+        );
+        let first = link.stream().unwrap();
+        let e = link
+            .send(msg(RaftKind::Vote, b"bye"), TTL)
+            .await
+            .unwrap_err();
+        assert_ne!(e.code(), Code::DeadlineExceeded, "{e}");
+        assert!(!first.open.load(Ordering::SeqCst));
+        assert!(first.pending.lock().unwrap().is_empty());
+        assert_eq!(
+            link.send(msg(RaftKind::Vote, b"again"), TTL).await.unwrap(),
+            b"again"
+        );
+        assert!(!Arc::ptr_eq(&first, &link.stream().unwrap()));
+    }
+
+    #[tokio::test]
+    async fn a_peer_without_streams_gets_unary_calls_after_the_first_failure() {
+        let (addr, unary_calls) = peer(false).await;
+        let link = Peers::default().link(&addr).unwrap();
+        let e = link
+            .send(msg(RaftKind::AppendEntries, b"a"), TTL)
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::Unimplemented, "{e}");
+        for p in [b"b", b"c"] {
+            let reply = link
+                .send(msg(RaftKind::AppendEntries, p), TTL)
+                .await
+                .unwrap();
+            assert_eq!(reply, p);
+        }
+        assert_eq!(unary_calls.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn a_call_without_a_reply_times_out_and_forgets_its_waiter() {
+        let (addr, _) = peer(true).await;
+        let link = Peers::default().link(&addr).unwrap();
+        let s = link.stream().unwrap();
+        // A deadline already past: the frame goes out, but its reply is
+        // not waited for.
+        let e = s
+            .call(msg(RaftKind::Vote, b"x"), tokio::time::Instant::now())
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::DeadlineExceeded, "{e}");
+        assert!(s.pending.lock().unwrap().is_empty());
     }
 }

@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use natter_model::pb::{self, response::R};
-use natter_proto::cluster::{Consistency, ProposeRequest, RaftKind, RaftRequest};
+use natter_proto::cluster::{Consistency, ProposeRequest, RaftFrame, RaftKind, RaftRequest};
 use natter_tests::natter::{uuid, Natter};
 use natter_tests::ops::{check_acked, Load};
 use natter_tests::{Cluster, ClusterOpts, ShardClient};
@@ -509,6 +509,41 @@ async fn malformed_rpcs_get_errors_and_the_node_keeps_serving() {
         tonic::Code::OutOfRange,
         "oversized raft message: {e}"
     );
+
+    // The same on the peer stream: each bad frame gets an error reply with
+    // its id, and the stream stays open for the next.
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    let mut replies = raft
+        .raft_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let bad: [(Option<RaftRequest>, tonic::Code); 4] = [
+        (
+            Some(req(9999, RaftKind::Vote, vec![])),
+            tonic::Code::NotFound,
+        ),
+        (
+            Some(req(
+                1,
+                RaftKind::AppendEntries,
+                vec![0xde, 0xad, 0xff, 0xff],
+            )),
+            tonic::Code::InvalidArgument,
+        ),
+        (
+            Some(req(1, RaftKind::Unspecified, vec![])),
+            tonic::Code::InvalidArgument,
+        ),
+        (None, tonic::Code::InvalidArgument),
+    ];
+    for (id, (request, code)) in bad.into_iter().enumerate() {
+        let id = id as u64 + 40;
+        tx.send(RaftFrame { id, request }).await.unwrap();
+        let r = replies.message().await.unwrap().expect("a reply frame");
+        assert_eq!((r.id, r.code), (id, code as i32), "{}", r.message);
+        assert!(r.payload.is_empty() && !r.message.is_empty(), "{r:?}");
+    }
 
     let mut node = natter_proto::cluster::node_client::NodeClient::new(ch)
         .max_encoding_message_size(usize::MAX);
