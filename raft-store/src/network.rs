@@ -89,17 +89,9 @@ impl Link {
     }
 
     fn streaming(&self) -> bool {
-        match self.unary_until.lock() {
-            Ok(mut u) => match *u {
-                Some(t) if Instant::now() < t => false,
-                Some(_) => {
-                    *u = None;
-                    true
-                }
-                None => true,
-            },
-            Err(_) => false,
-        }
+        self.unary_until
+            .lock()
+            .is_ok_and(|u| u.is_none_or(|t| Instant::now() >= t))
     }
 
     fn fall_back_to_unary(&self) {
