@@ -14,7 +14,9 @@
 //! another id.
 
 use crate::StoreError;
-use rocksdb::{ColumnFamily, DBRecoveryMode, IteratorMode, Options, ReadOptions, DB};
+use rocksdb::{
+    ColumnFamily, ColumnFamilyDescriptor, DBRecoveryMode, IteratorMode, Options, ReadOptions, DB,
+};
 use serde::{de::DeserializeOwned, Serialize};
 use std::path::Path;
 
@@ -183,9 +185,14 @@ pub fn open(dir: &Path, node_id: u64, verify: bool) -> Result<DB, StoreError> {
     opts.increase_parallelism(2);
     opts.set_max_background_jobs(2);
     opts.set_keep_log_file_num(4);
-    read_tuning(&mut opts);
+    // Column families get their own options (`DB::open_cf` would give them
+    // RocksDB's defaults, whatever `opts` says); all three share one block
+    // cache.
+    let cf_opts = read_tuning();
+    let cfs =
+        [CF_LOG, CF_META, CF_SM].map(|name| ColumnFamilyDescriptor::new(name, cf_opts.clone()));
 
-    let db = DB::open_cf(&opts, dir, [CF_LOG, CF_META, CF_SM]).map_err(|e| {
+    let db = DB::open_cf_descriptors(&opts, dir, cfs).map_err(|e| {
         StoreError::Corrupt(format!("cannot open RocksDB in {}: {e}", dir.display()))
     })?;
 
@@ -250,13 +257,15 @@ pub fn open(dir: &Path, node_id: u64, verify: bool) -> Result<DB, StoreError> {
 /// over the memtable lets them skip its skip list, and a block cache keeps
 /// the hot blocks. Only affects reads: files written without filters are
 /// still read (they just have none), so this needs no migration.
-fn read_tuning(opts: &mut Options) {
+fn read_tuning() -> Options {
+    let mut opts = Options::default();
     let mut table = rocksdb::BlockBasedOptions::default();
     table.set_bloom_filter(10.0, false);
     table.set_block_cache(&rocksdb::Cache::new_lru_cache(BLOCK_CACHE_BYTES));
     opts.set_block_based_table_factory(&table);
     opts.set_memtable_whole_key_filtering(true);
     opts.set_memtable_prefix_bloom_ratio(0.05);
+    opts
 }
 
 /// The block cache's size per node (shared by its column families).
@@ -298,4 +307,32 @@ fn verify_all(db: &DB) -> Result<(), StoreError> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The read tuning reaches the column families the node actually uses
+    /// (RocksDB gives a column family opened by name alone its defaults,
+    /// whatever the database's options say), and they share one cache.
+    #[test]
+    fn every_column_family_gets_the_read_tuning() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("db");
+        for reopen in [false, true] {
+            let db = open(&path, 1, reopen).expect("open");
+            for name in [CF_LOG, CF_META, CF_SM] {
+                let h = cf(&db, name).expect("column family");
+                let cap = db
+                    .property_int_value_cf(h, "rocksdb.block-cache-capacity")
+                    .expect("property");
+                assert_eq!(
+                    cap,
+                    Some(BLOCK_CACHE_BYTES as u64),
+                    "{name} (reopen: {reopen})"
+                );
+            }
+        }
+    }
 }
