@@ -514,3 +514,66 @@ async fn hand_off(host: &RaftHost, shard: u32, to: u64, addr: &str) -> Result<()
         "node {to} did not take over shard {shard}"
     )))
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::time::Duration;
+
+    use natter_raft_store::{HostConfig, RaftTimings, SyncMode};
+
+    use super::*;
+
+    /// Whether the host refuses proposals for `group` as one handing off.
+    async fn refuses_as_handing_off(host: &RaftHost, group: u32) -> bool {
+        matches!(
+            host.propose(group, b"probe".to_vec()).await,
+            Err(Error::NotLeader { .. })
+        )
+    }
+
+    /// A `TransferLeader` caller whose deadline passes makes tonic drop the
+    /// handler's future midway; the hand-off must still end (writes accepted
+    /// again, elections resumed), or the node stays out of elections for
+    /// good.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_cancelled_hand_off_still_ends() {
+        let dir = tempfile::tempdir().unwrap();
+        let host = RaftHost::open(HostConfig {
+            node_id: 1,
+            addr: "127.0.0.1:1".into(),
+            data_dir: dir.path().to_path_buf(),
+            timings: RaftTimings::default(),
+            sync_mode: SyncMode::GroupCommit,
+            verify_on_open: false,
+        })
+        .unwrap();
+        host.start_group(7, Arc::new(natter_model::Model))
+            .await
+            .unwrap();
+        host.initialize(7, &BTreeMap::from([(1, "127.0.0.1:1".to_string())]))
+            .await
+            .unwrap();
+        while !host.is_leader(7) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(!refuses_as_handing_off(&host, 7).await);
+        // Node 2 is no member, so the hand-off waits for it to catch up
+        // (up to 10 s) while refusing writes.
+        let h = host.clone();
+        let task = tokio::spawn(async move { transfer(&h, 7, 2, "127.0.0.1:1").await });
+        let mut waited = 0;
+        while !refuses_as_handing_off(&host, 7).await {
+            waited += 1;
+            assert!(waited < 500, "the hand-off never began");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        task.abort();
+        assert!(task.await.unwrap_err().is_cancelled());
+        assert!(
+            !refuses_as_handing_off(&host, 7).await,
+            "still handing off after the hand-off was dropped"
+        );
+        host.shutdown().await;
+    }
+}

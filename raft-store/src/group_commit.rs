@@ -39,6 +39,15 @@ pub enum SyncMode {
 
 type Done = Box<dyn FnOnce(io::Result<()>) + Send>;
 
+/// What the syncer thread receives.
+enum Msg {
+    /// Complete this once everything written before it is on disk.
+    After(Done),
+    /// Sync what is waiting, then end (dropping the thread's database
+    /// handle).
+    Stop,
+}
+
 /// Statistics of the syncer, for metrics and the benchmark.
 #[derive(Debug, Default)]
 pub struct SyncStats {
@@ -66,15 +75,17 @@ fn histogram(name: &str, help: &str) -> Option<prometheus::Histogram> {
 }
 
 pub struct Syncer {
-    tx: mpsc::Sender<Done>,
+    tx: mpsc::Sender<Msg>,
+    thread: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
     pub stats: Arc<SyncStats>,
 }
 
 impl Syncer {
-    /// Starts the syncer thread. It ends when the `Syncer` is dropped.
-    /// `dir` holds the sync mark ([`crate::db::SYNC_MARK_FILE`]).
+    /// Starts the syncer thread. It ends at [`Syncer::stop`] or when the
+    /// `Syncer` is dropped. `dir` holds the sync mark
+    /// ([`crate::db::SYNC_MARK_FILE`]).
     pub fn start(db: Arc<DB>, dir: &Path) -> Syncer {
-        let (tx, rx) = mpsc::channel::<Done>();
+        let (tx, rx) = mpsc::channel::<Msg>();
         let stats = Arc::new(SyncStats {
             fsync_seconds: histogram(
                 "natter_wal_fsync_seconds",
@@ -106,12 +117,38 @@ impl Syncer {
         let spawned = std::thread::Builder::new()
             .name("natter-wal-sync".into())
             .spawn(move || run(db, rx, st, mark));
-        if let Err(e) = spawned {
-            // Without the thread every append would wait forever; failing
-            // loudly at start is the only honest option.
-            tracing::error!("cannot start the WAL sync thread: {e}");
+        let thread = match spawned {
+            Ok(t) => Some(t),
+            Err(e) => {
+                // Without the thread every append would wait forever; failing
+                // loudly at start is the only honest option.
+                tracing::error!("cannot start the WAL sync thread: {e}");
+                None
+            }
+        };
+        Syncer {
+            tx,
+            thread: std::sync::Mutex::new(thread),
+            stats,
         }
-        Syncer { tx, stats }
+    }
+
+    /// Syncs what is waiting and ends the thread, waiting for it: after
+    /// this the thread holds no database handle, so the database closes
+    /// where its last other handle drops — not on this thread while the
+    /// process exits (RocksDB aborts if its destructor races the exit
+    /// handlers). Later appends fail. Blocks; call from a blocking context.
+    pub fn stop(&self) {
+        let _ = self.tx.send(Msg::Stop);
+        let thread = match self.thread.lock() {
+            Ok(mut t) => t.take(),
+            Err(_) => None,
+        };
+        if let Some(t) = thread {
+            if t.join().is_err() {
+                tracing::error!("the WAL sync thread panicked");
+            }
+        }
     }
 
     /// Calls `done` once everything written before this call is on disk.
@@ -126,8 +163,8 @@ impl Syncer {
             }
             None => done,
         };
-        if let Err(mpsc::SendError(done)) = self.tx.send(done) {
-            done(Err(io::Error::other("the WAL sync thread has stopped")));
+        if let Err(mpsc::SendError(Msg::After(done))) = self.tx.send(Msg::After(done)) {
+            done(Err(stopped()));
         }
     }
 }
@@ -136,18 +173,28 @@ impl Syncer {
 /// writes fsynced within this long before a crash goes undetected.
 pub const MARK_EVERY: Duration = Duration::from_millis(100);
 
-fn run(db: Arc<DB>, rx: mpsc::Receiver<Done>, stats: Arc<SyncStats>, mark: Option<std::fs::File>) {
+fn stopped() -> io::Error {
+    io::Error::other("the WAL sync thread has stopped")
+}
+
+fn run(db: Arc<DB>, rx: mpsc::Receiver<Msg>, stats: Arc<SyncStats>, mark: Option<std::fs::File>) {
     use std::sync::atomic::Ordering::Relaxed;
     let mut waiting: Vec<Done> = Vec::new();
     // Highest sequence number known fsynced, and the one the mark holds.
     let (mut synced, mut marked) = (0u64, 0u64);
     let mut marked_at = Instant::now();
-    loop {
+    let mut stopping = false;
+    while !stopping {
+        let mut take = |m: Msg| match m {
+            Msg::After(done) => waiting.push(done),
+            Msg::Stop => stopping = true,
+        };
         match rx.recv_timeout(MARK_EVERY) {
-            Ok(first) => waiting.push(first),
+            Ok(first) => take(first),
             Err(RecvTimeoutError::Timeout) => {}
             Err(RecvTimeoutError::Disconnected) => break,
         }
+        rx.try_iter().for_each(&mut take);
         if synced > marked && marked_at.elapsed() >= MARK_EVERY {
             if let Some(f) = &mark {
                 match crate::db::write_sync_mark(f, synced) {
@@ -160,7 +207,6 @@ fn run(db: Arc<DB>, rx: mpsc::Receiver<Done>, stats: Arc<SyncStats>, mark: Optio
         if waiting.is_empty() {
             continue;
         }
-        waiting.extend(rx.try_iter());
         let start = Instant::now();
         // Every write published by now is in the WAL ahead of this sync.
         let seq = db.latest_sequence_number();
@@ -183,6 +229,19 @@ fn run(db: Arc<DB>, rx: mpsc::Receiver<Done>, stats: Arc<SyncStats>, mark: Optio
                     .map(|_| ())
                     .map_err(|e| io::Error::other(format!("WAL fsync failed: {e}"))),
             );
+        }
+    }
+    if synced > marked {
+        if let Some(f) = &mark {
+            if let Err(e) = crate::db::write_sync_mark(f, synced) {
+                tracing::error!("writing the sync mark: {e}");
+            }
+        }
+    }
+    // Appends queued after the stop never had a sync: fail them.
+    for m in rx.try_iter() {
+        if let Msg::After(done) = m {
+            done(Err(stopped()));
         }
     }
 }

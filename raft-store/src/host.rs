@@ -701,7 +701,9 @@ impl RaftHost {
             .max_encoding_message_size(MAX_RAFT_MESSAGE)
     }
 
-    /// Stops every group. The database closes when the last handle drops.
+    /// Stops every group and the WAL syncer. The database closes when the
+    /// last handle drops — the host's own or a task's, never the syncer
+    /// thread's (see [`Syncer::stop`]).
     pub async fn shutdown(&self) {
         let groups: Vec<Raft> = match self.groups.write() {
             Ok(mut g) => g.drain().map(|(_, g)| g.raft).collect(),
@@ -719,5 +721,7 @@ impl RaftHost {
             }
         }
         let _ = self.shared.db.flush_wal(true);
+        let shared = self.shared.clone();
+        let _ = tokio::task::spawn_blocking(move || shared.syncer.stop()).await;
     }
 }
