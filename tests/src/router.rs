@@ -318,7 +318,13 @@ pub async fn ws_connect(
         sock.set_recv_buffer_size(n)?;
     }
     let stream = sock.connect(addr.parse()?).await?;
-    match tokio_tungstenite::client_async(req, stream).await {
+    // A small read buffer, as the router's: tungstenite zero-fills its
+    // whole read buffer (128 KiB by default) before every socket read, CPU
+    // that a load generator on the same machine takes from the system
+    // under test.
+    let config =
+        tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default().read_buffer_size(4096);
+    match tokio_tungstenite::client_async_with_config(req, stream, Some(config)).await {
         Ok((ws, _)) => Ok(Ok(ws)),
         Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => Ok(Err(resp.status().as_u16())),
         Err(e) => Err(e.into()),
