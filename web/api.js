@@ -26,6 +26,23 @@ export class ApiError extends Error {
 }
 
 /** One conversation as this device holds it. */
+/**
+ * The metadata held after a metadata change arrives (the model's client
+ * rule): it replaces what was held, member list included when
+ * `members_complete`; otherwise it names only the members whose view
+ * changed, which replace theirs (by user_id) in the list held.
+ */
+export function mergeConversation(held, next) {
+  if (next.members_complete || !held) return { ...next, members_complete: true };
+  const members = held.members.map((m) => ({ ...m }));
+  for (const m of next.members) {
+    const i = members.findIndex((x) => x.user_id === m.user_id);
+    if (i >= 0) members[i] = m;
+    else members.push(m);
+  }
+  return { ...next, members, members_complete: true };
+}
+
 class Conv {
   constructor(id) {
     this.id = id;
@@ -240,7 +257,7 @@ export class Session extends EventTarget {
   applyChanges(c, changes, nowMs) {
     c.nowMs = nowMs || Date.now();
     for (const ch of changes) {
-      if (ch.conversation) c.meta = ch.conversation;
+      if (ch.conversation) c.meta = mergeConversation(c.meta, ch.conversation);
       else if (ch.message) this.upsertMessage(c, ch.message);
     }
     const cleared = c.meta?.my_cleared_through_seq || 0;

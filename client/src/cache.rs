@@ -237,9 +237,25 @@ impl Cache {
         for ch in &s.changes {
             match &ch.change {
                 Some(Change::Conversation(m)) => {
+                    // A delta may name only the members that changed: merged
+                    // into the list held (the model's client rule).
+                    let held: Option<pb::Conversation> = if m.members_complete {
+                        None
+                    } else {
+                        let blob: Option<Vec<u8>> = tx
+                            .query_row(
+                                "SELECT meta FROM conversations WHERE id = ?1",
+                                [conv],
+                                |r| r.get(0),
+                            )
+                            .optional()?
+                            .flatten();
+                        blob.map(|b| pb::Conversation::decode(&b[..])).transpose()?
+                    };
+                    let merged = natter_model::client::merge_conversation(held.as_ref(), m);
                     tx.execute(
                         "UPDATE conversations SET meta = ?2 WHERE id = ?1",
-                        params![conv, m.encode_to_vec()],
+                        params![conv, merged.encode_to_vec()],
                     )?;
                     out.meta_changed = true;
                 }

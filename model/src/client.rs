@@ -29,14 +29,40 @@ pub struct ConversationView {
     pub messages: BTreeMap<u64, pb::Message>,
 }
 
+/// The metadata a client holds after a metadata change `new` arrives over
+/// what it held: `new` replaces it, member list included when
+/// `members_complete`; otherwise `new` names only the members whose view
+/// changed, which replace theirs (by user id) in the held list. The result
+/// always holds the whole list (`members_complete`).
+pub fn merge_conversation(
+    held: Option<&pb::Conversation>,
+    new: &pb::Conversation,
+) -> pb::Conversation {
+    let mut out = new.clone();
+    if !new.members_complete {
+        let mut members = held.map(|h| h.members.clone()).unwrap_or_default();
+        for m in &new.members {
+            match members.iter_mut().find(|x| x.user_id == m.user_id) {
+                Some(x) => *x = m.clone(),
+                None => members.push(m.clone()),
+            }
+        }
+        out.members = members;
+        out.members_complete = true;
+    }
+    out
+}
+
 impl ConversationView {
-    /// Applies changes in order: metadata replaces, live messages upsert,
-    /// tombstones remove.
+    /// Applies changes in order: metadata replaces (merging a partial member
+    /// list, [`merge_conversation`]), live messages upsert, tombstones remove.
     pub fn apply(&mut self, changes: &[pb::ConversationChange]) -> Result<(), ViewError> {
         use pb::conversation_change::Change;
         for c in changes {
             match &c.change {
-                Some(Change::Conversation(m)) => self.meta = Some(m.clone()),
+                Some(Change::Conversation(m)) => {
+                    self.meta = Some(merge_conversation(self.meta.as_ref(), m))
+                }
                 Some(Change::Message(m)) if m.deleted => {
                     if !m.text.is_empty() || !m.media.is_empty() {
                         return Err(ViewError::TombstoneWithContent(m.seq));

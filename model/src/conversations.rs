@@ -48,6 +48,9 @@ pub(crate) struct Conv {
     pub(crate) row: pb::ConversationRow,
     /// Where the metadata's change-index entry is (0 = nowhere yet).
     meta_version: u64,
+    /// The members as stored before this command, if remembered at load
+    /// ([`Conv::remember_members`]); else [`Conv::save`] reads them back.
+    before: Option<Vec<pb::Member>>,
 }
 
 impl Conv {
@@ -56,6 +59,40 @@ impl Conv {
             id,
             row,
             meta_version: 0,
+            before: None,
+        }
+    }
+
+    /// Keeps the members as loaded, so that [`Conv::save`] can tell whose
+    /// public view changed without reading the row again (hot commands).
+    pub(crate) fn remember_members(&mut self) {
+        self.before = Some(self.row.members.clone());
+    }
+
+    /// Records, at version `v`, which members' public views (role, read
+    /// mark, join time) changed since `before`, and whether the list itself
+    /// did — what lets a delta sync send only the members that changed.
+    fn record_member_versions(&mut self, before: &[pb::Member], v: u64) {
+        let same_list = before.len() == self.row.members.len()
+            && before
+                .iter()
+                .zip(&self.row.members)
+                .all(|(b, m)| b.user_id == m.user_id);
+        if self.row.members_version == 0 || !same_list {
+            // A join or a leave, or a row from before these versions: every
+            // member's view is (re)sent.
+            self.row.members_version = v;
+            for m in &mut self.row.members {
+                m.view_version = v;
+            }
+            return;
+        }
+        for (b, m) in before.iter().zip(self.row.members.iter_mut()) {
+            if (b.role, b.last_read_seq, b.joined_at_ms)
+                != (m.role, m.last_read_seq, m.joined_at_ms)
+            {
+                m.view_version = v;
+            }
         }
     }
 
@@ -65,6 +102,7 @@ impl Conv {
                 id,
                 meta_version: row.version,
                 row,
+                before: None,
             }),
         )
     }
@@ -132,10 +170,17 @@ impl Conv {
         fanout: Fanout<'_>,
         removed: &[pb::Member],
     ) -> KvResult<pb::ConversationRow> {
+        let before = match self.before.take() {
+            Some(b) => b,
+            None => get::<pb::ConversationRow>(&*kv, &keys::conversation(&self.id))?
+                .map(|r| r.members)
+                .unwrap_or_default(),
+        };
         if self.meta_version > 0 {
             kv.delete(&keys::change(&self.id, self.meta_version));
         }
         let v = self.next_version();
+        self.record_member_versions(&before, v);
         put(
             kv,
             &keys::change(&self.id, v),
@@ -229,14 +274,33 @@ pub(crate) fn feed_update(
 
 /// The conversation as `viewer` sees it.
 pub(crate) fn view(row: &pb::ConversationRow, viewer: &str) -> pb::Conversation {
+    view_members(row, viewer, None)
+}
+
+/// The conversation as `viewer` sees it, for a delta sync from `token`: the
+/// whole member list if it changed after the token (or its version is
+/// unknown), else only the members whose view changed after it.
+pub(crate) fn delta_view(row: &pb::ConversationRow, viewer: &str, token: u64) -> pb::Conversation {
+    let partial = row.members_version != 0 && row.members_version <= token;
+    view_members(row, viewer, partial.then_some(token))
+}
+
+/// With `changed_after`: only members whose view changed after it.
+fn view_members(
+    row: &pb::ConversationRow,
+    viewer: &str,
+    changed_after: Option<u64>,
+) -> pb::Conversation {
     let me = row.members.iter().find(|m| m.user_id == viewer);
     pb::Conversation {
         id: row.id.clone(),
         kind: row.kind,
         name: row.name.clone(),
+        members_complete: changed_after.is_none(),
         members: row
             .members
             .iter()
+            .filter(|m| changed_after.is_none_or(|t| m.view_version == 0 || m.view_version > t))
             .map(|m| pb::MemberView {
                 user_id: m.user_id.clone(),
                 role: m.role,

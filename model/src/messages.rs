@@ -126,6 +126,7 @@ pub(crate) fn send(kv: &mut dyn KvWrite, now: u64, c: pb::SendMessage) -> Res<R>
         return Err(invalid("a message needs text or media"));
     }
     let mut conv = Conv::load_for(&*kv, id, &c.sender_id)?;
+    conv.remember_members();
     let sent_key = keys::sent(&id, &sender, &c.client_msg_id);
     if let Some(sent) = get::<pb::SentRow>(&*kv, &sent_key)? {
         let msg = get::<pb::Message>(&*kv, &keys::message(&id, sent.seq))?.ok_or_else(|| {

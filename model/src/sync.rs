@@ -11,6 +11,14 @@
 //! live messages in full, deleted, expired or hidden ones as tombstones.
 //! Cost is proportional to the changes returned, not to the conversation.
 //!
+//! The metadata's member list is sent whole only when it changed (a join or
+//! a leave) after the token; otherwise just the members whose view (role,
+//! read mark) changed after it (`members_complete = false`), which the
+//! client merges into the list it holds — else a message in a group of N
+//! would send N members to each of N devices. The metadata's entry is the
+//! newest, so it comes in the last page; a page whose range would hold a
+//! member change ends just before it and carries the metadata too.
+//!
 //! A message is live for a viewer when it isn't a tombstone, its seq is
 //! above the viewer's `cleared_through_seq`, they didn't delete it for
 //! themself, and it hasn't expired by the query time — expired-but-not-yet-
@@ -21,7 +29,7 @@ use std::ops::Bound;
 use natter_kv::{KvRead, KvResult};
 
 use crate::codec::{decode, get, scan_from, tail_u64};
-use crate::conversations::{hidden_for, view, Conv};
+use crate::conversations::{delta_view, hidden_for, view, Conv};
 use crate::error::Res;
 use crate::ids::Id;
 use crate::keys;
@@ -171,13 +179,24 @@ pub(crate) fn sync(kv: &dyn KvRead, now: u64, q: pb::SyncConversation) -> Res<R>
     let has_more = entries.len() > lim;
     entries.truncate(lim);
     let mut token = row.version;
+    let mut members_now = false;
     if has_more {
         token = entries.last().map_or(q.token, |e| e.0);
+        // The metadata's own entry is the newest, so only the last page
+        // carries it, with the members changed after *that* page's token. A
+        // member change within this page's range must come now: the page
+        // ends just before it, and carries the metadata. (A member change's
+        // version is never an entry's: the metadata has moved on since.)
+        if let Some(at) = first_member_change_within(row, q.token, token) {
+            entries.retain(|e| e.0 < at);
+            token = at;
+            members_now = true;
+        }
     }
     for (version, seq, private) in entries {
         let Some(seq) = seq else {
             changes.push(pb::ConversationChange {
-                change: Some(Change::Conversation(view(row, &q.viewer_id))),
+                change: Some(Change::Conversation(delta_view(row, &q.viewer_id, q.token))),
             });
             continue;
         };
@@ -199,6 +218,11 @@ pub(crate) fn sync(kv: &dyn KvRead, now: u64, q: pb::SyncConversation) -> Res<R>
             change: Some(Change::Message(msg)),
         });
     }
+    if members_now {
+        changes.push(pb::ConversationChange {
+            change: Some(Change::Conversation(delta_view(row, &q.viewer_id, q.token))),
+        });
+    }
     Ok(R::ConversationSync(pb::ConversationSync {
         changes,
         token,
@@ -207,6 +231,15 @@ pub(crate) fn sync(kv: &dyn KvRead, now: u64, q: pb::SyncConversation) -> Res<R>
         cold_start: false,
         now_ms: now,
     }))
+}
+
+/// The first version in `(from, to]` at which the member list, or a
+/// member's view, last changed.
+fn first_member_change_within(row: &pb::ConversationRow, from: u64, to: u64) -> Option<u64> {
+    std::iter::once(row.members_version)
+        .chain(row.members.iter().map(|m| m.view_version))
+        .filter(|&v| v > from && v <= to)
+        .min()
 }
 
 /// Query `History`.

@@ -98,6 +98,7 @@ pub fn conversation(c: &pb::Conversation) -> Value {
             "last_read_seq": m.last_read_seq,
             "joined_at_ms": m.joined_at_ms,
         })).collect::<Vec<_>>(),
+        "members_complete": c.members_complete,
         "retention_ms": c.retention_ms,
         "created_at_ms": c.created_at_ms,
         "version": c.version,

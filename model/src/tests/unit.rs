@@ -1619,6 +1619,68 @@ fn delta_sync_cost_does_not_grow_with_the_conversation() {
     );
 }
 
+/// The metadata change of a delta sync names only the members whose view
+/// changed after the token (a message moves its sender's read mark), not the
+/// whole list — a message in a group of N would otherwise send N members to
+/// each of N devices — and the whole list again after a join; a client
+/// merging either stays equal to a full read.
+#[test]
+fn delta_sync_sends_only_the_members_that_changed() {
+    let mut w = world();
+    let ids: Vec<String> = (0..40).map(uid).collect();
+    let others: Vec<&str> = ids[1..].iter().map(String::as_str).collect();
+    let g = w.group(0, &ids[0], &others, 0);
+    w.send(&g, &ids[1], "hello");
+    let (mut held, token) = w.full_conversation(&ids[0], &g, 50).expect("member");
+    assert_eq!(held.meta.as_ref().map(|m| m.members.len()), Some(40));
+
+    w.send(&g, &ids[2], "hi all");
+    let s = want!(w.sync(&ids[0], &g, token, 50), ConversationSync);
+    let meta = s
+        .changes
+        .iter()
+        .find_map(|c| match &c.change {
+            Some(pb::conversation_change::Change::Conversation(m)) => Some(m.clone()),
+            _ => None,
+        })
+        .expect("a metadata change");
+    assert!(!meta.members_complete);
+    let named: Vec<&str> = meta.members.iter().map(|m| m.user_id.as_str()).collect();
+    assert_eq!(
+        named,
+        vec![ids[2].as_str()],
+        "only the sender's read mark moved"
+    );
+    held.apply(&s.changes).expect("apply");
+    let (full, _) = w.full_conversation(&ids[0], &g, 50).expect("member");
+    assert_eq!(held, full);
+
+    let newcomer = uid(99);
+    update(
+        &mut w,
+        pb::UpdateConversation {
+            conversation_id: g.clone(),
+            actor_id: ids[0].clone(),
+            add_member_ids: vec![newcomer.clone()],
+            ..Default::default()
+        },
+    );
+    let s2 = want!(w.sync(&ids[0], &g, s.token, 50), ConversationSync);
+    let meta = s2
+        .changes
+        .iter()
+        .find_map(|c| match &c.change {
+            Some(pb::conversation_change::Change::Conversation(m)) => Some(m.clone()),
+            _ => None,
+        })
+        .expect("a metadata change");
+    assert!(meta.members_complete, "a join sends the whole list");
+    assert_eq!(meta.members.len(), 41);
+    held.apply(&s2.changes).expect("apply");
+    let (full, _) = w.full_conversation(&ids[0], &g, 50).expect("member");
+    assert_eq!(held, full);
+}
+
 #[test]
 fn route_keys_put_each_row_on_its_owners_shard() {
     let (a, b) = (uid(0), uid(1));
