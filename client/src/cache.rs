@@ -239,18 +239,10 @@ impl Cache {
                 Some(Change::Conversation(m)) => {
                     // A delta may name only the members that changed: merged
                     // into the list held (the model's client rule).
-                    let held: Option<pb::Conversation> = if m.members_complete {
+                    let held = if m.members_complete {
                         None
                     } else {
-                        let blob: Option<Vec<u8>> = tx
-                            .query_row(
-                                "SELECT meta FROM conversations WHERE id = ?1",
-                                [conv],
-                                |r| r.get(0),
-                            )
-                            .optional()?
-                            .flatten();
-                        blob.map(|b| pb::Conversation::decode(&b[..])).transpose()?
+                        stored_meta(&tx, conv)?
                     };
                     let merged = natter_model::client::merge_conversation(held.as_ref(), m);
                     tx.execute(
@@ -303,18 +295,7 @@ impl Cache {
     }
 
     pub fn conversation(&self, conv: &str) -> Result<Option<pb::Conversation>, Error> {
-        let blob: Option<Option<Vec<u8>>> = self
-            .db
-            .query_row(
-                "SELECT meta FROM conversations WHERE id = ?1",
-                [conv],
-                |r| r.get(0),
-            )
-            .optional()?;
-        match blob.flatten() {
-            Some(b) => Ok(Some(pb::Conversation::decode(&b[..])?)),
-            None => Ok(None),
-        }
+        stored_meta(&self.db, conv)
     }
 
     /// The newest `limit` messages of a conversation, ascending.
@@ -493,11 +474,9 @@ fn forget(tx: &rusqlite::Transaction<'_>, conv: &str) -> Result<(), Error> {
     Ok(())
 }
 
-/// Drops what the client must no longer show (the model's client rules):
-/// messages at or before my cleared mark, expired ones, and those past the
-/// conversation's retention.
-fn normalize(tx: &rusqlite::Transaction<'_>, conv: &str, now_ms: u64) -> Result<(), Error> {
-    let meta: Option<Vec<u8>> = tx
+/// The conversation's metadata as stored, if any.
+fn stored_meta(db: &rusqlite::Connection, conv: &str) -> Result<Option<pb::Conversation>, Error> {
+    let blob: Option<Vec<u8>> = db
         .query_row(
             "SELECT meta FROM conversations WHERE id = ?1",
             [conv],
@@ -505,8 +484,14 @@ fn normalize(tx: &rusqlite::Transaction<'_>, conv: &str, now_ms: u64) -> Result<
         )
         .optional()?
         .flatten();
-    if let Some(b) = meta {
-        let m = pb::Conversation::decode(&b[..])?;
+    Ok(blob.map(|b| pb::Conversation::decode(&b[..])).transpose()?)
+}
+
+/// Drops what the client must no longer show (the model's client rules):
+/// messages at or before my cleared mark, expired ones, and those past the
+/// conversation's retention.
+fn normalize(tx: &rusqlite::Transaction<'_>, conv: &str, now_ms: u64) -> Result<(), Error> {
+    if let Some(m) = stored_meta(tx, conv)? {
         tx.execute(
             "DELETE FROM messages WHERE conversation_id = ?1 AND seq <= ?2",
             params![conv, i(m.my_cleared_through_seq)],

@@ -193,11 +193,12 @@ pub(crate) fn sync(kv: &dyn KvRead, now: u64, q: pb::SyncConversation) -> Res<R>
             members_now = true;
         }
     }
+    let meta_change = || pb::ConversationChange {
+        change: Some(Change::Conversation(delta_view(row, &q.viewer_id, q.token))),
+    };
     for (version, seq, private) in entries {
         let Some(seq) = seq else {
-            changes.push(pb::ConversationChange {
-                change: Some(Change::Conversation(delta_view(row, &q.viewer_id, q.token))),
-            });
+            changes.push(meta_change());
             continue;
         };
         if seq <= me.cleared_through_seq {
@@ -219,9 +220,7 @@ pub(crate) fn sync(kv: &dyn KvRead, now: u64, q: pb::SyncConversation) -> Res<R>
         });
     }
     if members_now {
-        changes.push(pb::ConversationChange {
-            change: Some(Change::Conversation(delta_view(row, &q.viewer_id, q.token))),
-        });
+        changes.push(meta_change());
     }
     Ok(R::ConversationSync(pb::ConversationSync {
         changes,

@@ -173,6 +173,18 @@ impl Syncer {
 /// writes fsynced within this long before a crash goes undetected.
 pub const MARK_EVERY: Duration = Duration::from_millis(100);
 
+/// Records `synced` in the sync mark; whether it was written.
+fn write_mark(mark: &Option<std::fs::File>, synced: u64) -> bool {
+    let Some(f) = mark else { return false };
+    match crate::db::write_sync_mark(f, synced) {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::error!("writing the sync mark: {e}");
+            false
+        }
+    }
+}
+
 fn stopped() -> io::Error {
     io::Error::other("the WAL sync thread has stopped")
 }
@@ -196,11 +208,8 @@ fn run(db: Arc<DB>, rx: mpsc::Receiver<Msg>, stats: Arc<SyncStats>, mark: Option
         }
         rx.try_iter().for_each(&mut take);
         if synced > marked && marked_at.elapsed() >= MARK_EVERY {
-            if let Some(f) = &mark {
-                match crate::db::write_sync_mark(f, synced) {
-                    Ok(()) => marked = synced,
-                    Err(e) => tracing::error!("writing the sync mark: {e}"),
-                }
+            if write_mark(&mark, synced) {
+                marked = synced;
             }
             marked_at = Instant::now();
         }
@@ -232,11 +241,7 @@ fn run(db: Arc<DB>, rx: mpsc::Receiver<Msg>, stats: Arc<SyncStats>, mark: Option
         }
     }
     if synced > marked {
-        if let Some(f) = &mark {
-            if let Err(e) = crate::db::write_sync_mark(f, synced) {
-                tracing::error!("writing the sync mark: {e}");
-            }
-        }
+        write_mark(&mark, synced);
     }
     // Appends queued after the stop never had a sync: fail them.
     for m in rx.try_iter() {

@@ -1619,6 +1619,17 @@ fn delta_sync_cost_does_not_grow_with_the_conversation() {
     );
 }
 
+/// The metadata change a sync page carries.
+fn meta_change(s: &pb::ConversationSync) -> pb::Conversation {
+    s.changes
+        .iter()
+        .find_map(|c| match &c.change {
+            Some(pb::conversation_change::Change::Conversation(m)) => Some(m.clone()),
+            _ => None,
+        })
+        .expect("a metadata change")
+}
+
 /// The metadata change of a delta sync names only the members whose view
 /// changed after the token (a message moves its sender's read mark), not the
 /// whole list — a message in a group of N would otherwise send N members to
@@ -1636,14 +1647,7 @@ fn delta_sync_sends_only_the_members_that_changed() {
 
     w.send(&g, &ids[2], "hi all");
     let s = want!(w.sync(&ids[0], &g, token, 50), ConversationSync);
-    let meta = s
-        .changes
-        .iter()
-        .find_map(|c| match &c.change {
-            Some(pb::conversation_change::Change::Conversation(m)) => Some(m.clone()),
-            _ => None,
-        })
-        .expect("a metadata change");
+    let meta = meta_change(&s);
     assert!(!meta.members_complete);
     let named: Vec<&str> = meta.members.iter().map(|m| m.user_id.as_str()).collect();
     assert_eq!(
@@ -1666,14 +1670,7 @@ fn delta_sync_sends_only_the_members_that_changed() {
         },
     );
     let s2 = want!(w.sync(&ids[0], &g, s.token, 50), ConversationSync);
-    let meta = s2
-        .changes
-        .iter()
-        .find_map(|c| match &c.change {
-            Some(pb::conversation_change::Change::Conversation(m)) => Some(m.clone()),
-            _ => None,
-        })
-        .expect("a metadata change");
+    let meta = meta_change(&s2);
     assert!(meta.members_complete, "a join sends the whole list");
     assert_eq!(meta.members.len(), 41);
     held.apply(&s2.changes).expect("apply");
