@@ -185,6 +185,7 @@ impl Node for NodeApi {
                 purged_index: g.purged_index,
                 voters: g.voters,
                 learners: g.learners,
+                eager_appends: g.eager_appends,
             })
             .collect();
         let (wal_fsyncs, wal_appends, _) = self.host.sync_stats();
@@ -545,6 +546,7 @@ mod tests {
             data_dir: dir.path().to_path_buf(),
             timings: RaftTimings::default(),
             sync_mode: SyncMode::GroupCommit,
+            eager_replication: true,
             verify_on_open: false,
         })
         .unwrap();

@@ -65,6 +65,10 @@ pub struct Flags {
     /// leader balancing cluster-wide (e.g. during maintenance).
     #[arg(long, env = "NATTER_NO_REBALANCE")]
     pub no_rebalance: bool,
+    /// Start replicating a leader's new entries only after its own fsync
+    /// (openraft's order), instead of during it. For benchmarks.
+    #[arg(long, env = "NATTER_NO_EAGER_REPLICATION")]
+    pub no_eager_replication: bool,
     /// Log as JSON lines.
     #[arg(long, env = "NATTER_LOG_JSON")]
     pub log_json: bool,
@@ -114,6 +118,8 @@ pub struct FileConfig {
     pub presence_lease_ms: Option<u64>,
     /// `rebalance = false` is `--no-rebalance`.
     pub rebalance: Option<bool>,
+    /// `eager_replication = false` is `--no-eager-replication`.
+    pub eager_replication: Option<bool>,
 }
 
 /// The resolved configuration.
@@ -129,6 +135,8 @@ pub struct Config {
     pub shards: u32,
     pub replicas: usize,
     pub sync_mode: SyncMode,
+    /// A leader replicates new entries during its own fsync.
+    pub eager_replication: bool,
     pub timings: RaftTimings,
     pub verify: bool,
     /// Whether this node runs the rebalancer when it leads the meta group.
@@ -280,6 +288,8 @@ impl Config {
             shards,
             replicas,
             sync_mode,
+            eager_replication: !flags.no_eager_replication
+                && file.eager_replication.unwrap_or(true),
             timings,
             verify: !flags.no_verify,
             rebalance: !flags.no_rebalance && file.rebalance.unwrap_or(true),

@@ -66,6 +66,7 @@ pub async fn run(mut cfg: config::Config) -> Result<()> {
         data_dir: cfg.data_dir.clone(),
         timings: cfg.timings.clone(),
         sync_mode: cfg.sync_mode,
+        eager_replication: cfg.eager_replication,
         verify_on_open: cfg.verify,
     })
     .with_context(|| {

@@ -228,6 +228,7 @@ mod tests {
             data_dir: dir.path().to_path_buf(),
             timings: RaftTimings::default(),
             sync_mode: SyncMode::GroupCommit,
+            eager_replication: true,
             verify_on_open: false,
         })
         .unwrap();

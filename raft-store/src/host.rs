@@ -15,6 +15,7 @@ use rocksdb::{IteratorMode, DB};
 use serde::{Deserialize, Serialize};
 
 use crate::db::{self, CF_META, TAG_REMOVED, TAG_VOTE};
+use crate::eager::Eager;
 use crate::group_commit::{SyncMode, Syncer};
 use crate::log_store::LogStore;
 use crate::network::{NetworkFactory, Peers, MAX_RAFT_MESSAGE};
@@ -65,6 +66,9 @@ pub struct HostConfig {
     pub data_dir: PathBuf,
     pub timings: RaftTimings,
     pub sync_mode: SyncMode,
+    /// A leader sends new entries to its followers during its own fsync
+    /// (see `eager.rs`); off, replication starts after it.
+    pub eager_replication: bool,
     /// Checksum every stored block at start.
     pub verify_on_open: bool,
 }
@@ -103,6 +107,10 @@ pub struct GroupStatus {
     pub learners: Vec<NodeId>,
     /// Per follower, the last index it is known to hold (leader only).
     pub matched: BTreeMap<NodeId, u64>,
+    /// Append requests this node sent to a follower during its own fsync
+    /// (eager replication), since start.
+    #[serde(default)]
+    pub eager_appends: u64,
 }
 
 #[derive(Clone)]
@@ -115,6 +123,8 @@ struct Group {
     handing_off: Arc<std::sync::Mutex<Option<(NodeId, String)>>>,
     /// Batches concurrent proposals into log entries.
     proposer: crate::batch::Proposer,
+    /// Sends new entries to followers during the leader's fsync.
+    eager: Option<Arc<Eager>>,
 }
 
 /// Every Raft group hosted on this node, over one RocksDB.
@@ -325,17 +335,25 @@ impl RaftHost {
         {
             return Ok(());
         }
-        let log = LogStore::new(group, self.shared.clone());
+        let eager = self
+            .cfg
+            .eager_replication
+            .then(|| Arc::new(Eager::new(group, self.cfg.node_id, self.peers.clone())));
+        let log = LogStore::new(group, self.shared.clone(), eager.clone());
         log.check()?;
         let sm = SmStore::new(group, self.shared.clone(), machine);
         let net = NetworkFactory {
             group,
             from: self.cfg.node_id,
             peers: self.peers.clone(),
+            eager: eager.clone(),
         };
         let raft = Raft::new(self.cfg.node_id, self.raft_config()?, net, log, sm.clone())
             .await
             .map_err(|e| Error::Raft(format!("group {group}: {e}")))?;
+        if let Some(eager) = &eager {
+            eager.watch(raft.server_metrics());
+        }
         let proposer = crate::batch::Proposer::start(group, raft.clone());
         self.groups
             .write()
@@ -347,6 +365,7 @@ impl RaftHost {
                 reads: Default::default(),
                 handing_off: Default::default(),
                 proposer,
+                eager,
             });
         Ok(())
     }
@@ -625,13 +644,19 @@ impl RaftHost {
 
     /// This node's view of every group it hosts.
     pub fn status(&self) -> Vec<GroupStatus> {
-        let groups: Vec<(u32, Raft)> = match self.groups.read() {
-            Ok(g) => g.iter().map(|(id, g)| (*id, g.raft.clone())).collect(),
+        let groups: Vec<(u32, Raft, u64)> = match self.groups.read() {
+            Ok(g) => g
+                .iter()
+                .map(|(id, g)| {
+                    let eager = g.eager.as_ref().map(|e| e.sent()).unwrap_or(0);
+                    (*id, g.raft.clone(), eager)
+                })
+                .collect(),
             Err(_) => return Vec::new(),
         };
         let mut out: Vec<GroupStatus> = groups
             .into_iter()
-            .map(|(group, raft)| {
+            .map(|(group, raft, eager_appends)| {
                 let m = raft.metrics().borrow().clone();
                 let membership = m.membership_config.membership();
                 let applied_index = m.last_applied.map(|l| l.index).unwrap_or(0);
@@ -676,6 +701,7 @@ impl RaftHost {
                                 .collect()
                         })
                         .unwrap_or_default(),
+                    eager_appends,
                 }
             })
             .collect();

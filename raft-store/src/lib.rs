@@ -19,6 +19,7 @@
 
 mod batch;
 pub mod db;
+mod eager;
 pub mod group_commit;
 pub mod host;
 pub mod kv_view;

@@ -17,6 +17,7 @@ use openraft::{OptionalSend, RaftLogReader};
 use rocksdb::{Direction, IteratorMode, WriteBatch};
 
 use crate::db::{self, CF_LOG, CF_META, TAG_COMMITTED, TAG_PURGED, TAG_VOTE};
+use crate::eager::Eager;
 use crate::group_commit::SyncMode;
 use crate::types::{Entry, LogId, StorageError, TypeConfig, Vote};
 use crate::{Shared, StoreError};
@@ -26,11 +27,33 @@ use crate::{Shared, StoreError};
 pub struct LogStore {
     group: u32,
     shared: Arc<Shared>,
+    /// Sends a leader's new entries to its followers during its fsync.
+    eager: Option<Arc<Eager>>,
 }
 
 impl LogStore {
-    pub(crate) fn new(group: u32, shared: Arc<Shared>) -> Self {
-        LogStore { group, shared }
+    pub(crate) fn new(group: u32, shared: Arc<Shared>, eager: Option<Arc<Eager>>) -> Self {
+        LogStore {
+            group,
+            shared,
+            eager,
+        }
+    }
+
+    /// The id of the entry before `index`, for an eager append: remembered
+    /// from the previous append, else read back.
+    fn id_before(&self, eager: &Eager, index: u64) -> Option<LogId> {
+        let prev = index.checked_sub(1)?;
+        if let Some(last) = eager.last().filter(|l| l.index == prev) {
+            return Some(last);
+        }
+        if let Ok(Some(e)) = self.read_range(prev, index).map(|v| v.into_iter().next()) {
+            return Some(e.log_id);
+        }
+        self.get_meta::<LogId>(TAG_PURGED, "last purged log id")
+            .ok()
+            .flatten()
+            .filter(|p| p.index == prev)
     }
 
     fn get_meta<T: serde::de::DeserializeOwned>(
@@ -222,8 +245,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let db = &self.shared.db;
         let cf = db::cf(db, CF_LOG).map_err(|e| e.into_raft_write())?;
         let mut batch = WriteBatch::default();
-        for entry in entries {
-            let raw = db::encode(&entry).map_err(|e| e.into_raft_write())?;
+        let entries: Vec<Entry> = entries.into_iter().collect();
+        for entry in &entries {
+            let raw = db::encode(entry).map_err(|e| e.into_raft_write())?;
             batch.put_cf(cf, db::log_key(self.group, entry.log_id.index), raw);
         }
         match self.shared.sync_mode {
@@ -233,6 +257,12 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                 self.shared
                     .syncer
                     .after_sync(Box::new(move |res| callback.log_io_completed(res)));
+                // While the syncer's fsync runs, the followers get the entries.
+                if let Some(eager) = &self.eager {
+                    let last = entries.last().map(|e| e.log_id);
+                    eager.post(entries, |index| self.id_before(eager, index));
+                    eager.set_last(last);
+                }
             }
             SyncMode::UnsafeNoWal => {
                 db.write_opt(batch, &self.shared.write_opts(false))
@@ -263,6 +293,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
+        if let Some(eager) = &self.eager {
+            eager.set_last(None);
+        }
         let db = &self.shared.db;
         let cf = db::cf(db, CF_LOG).map_err(|e| e.into_raft_write())?;
         let mut batch = WriteBatch::default();
@@ -276,6 +309,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
+        if let Some(eager) = &self.eager {
+            // A purge after a snapshot install can move the log's end.
+            eager.set_last(None);
+        }
         let db = &self.shared.db;
         let run = || -> Result<(), StoreError> {
             let mut batch = WriteBatch::default();

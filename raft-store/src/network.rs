@@ -6,7 +6,7 @@
 //! stream, go as unary `Raft` calls.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -69,6 +69,25 @@ impl Peers {
         });
         map.insert(addr.to_string(), link.clone());
         Ok(link)
+    }
+
+    /// Sends `req` to `addr` on the peer's raft stream (never as a unary
+    /// call: a peer without the stream is skipped) and waits for the reply
+    /// until `ttl` passes; the encoded reply.
+    pub(crate) async fn call_streamed(
+        &self,
+        addr: &str,
+        req: RaftRequest,
+        ttl: Duration,
+    ) -> Result<Vec<u8>, Status> {
+        let link = self.link(addr).map_err(Status::unavailable)?;
+        if !link.streaming() {
+            return Err(Status::unimplemented(
+                "the peer does not serve raft streams",
+            ));
+        }
+        let deadline = tokio::time::Instant::now() + ttl;
+        link.stream()?.call(req, deadline).await
     }
 }
 
@@ -267,6 +286,8 @@ pub struct NetworkFactory {
     pub(crate) group: u32,
     pub(crate) from: NodeId,
     pub(crate) peers: Arc<Peers>,
+    /// The group's eager sender, told when openraft's appends are pending.
+    pub(crate) eager: Option<Arc<crate::eager::Eager>>,
 }
 
 impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
@@ -278,6 +299,7 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
             from: self.from,
             target,
             link: self.peers.link(&node.addr),
+            appending: self.eager.as_ref().map(|e| e.replicating(target)),
         }
     }
 }
@@ -288,6 +310,28 @@ pub struct Conn {
     from: NodeId,
     target: NodeId,
     link: Result<Arc<Link>, String>,
+    /// Counts this connection's unanswered appends (for eager replication).
+    appending: Option<Arc<AtomicUsize>>,
+}
+
+/// Holds a count up for as long as it lives.
+struct Pending(Option<Arc<AtomicUsize>>);
+
+impl Pending {
+    fn new(count: &Option<Arc<AtomicUsize>>) -> Pending {
+        if let Some(c) = count {
+            c.fetch_add(1, Ordering::AcqRel);
+        }
+        Pending(count.clone())
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        if let Some(c) = &self.0 {
+            c.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -337,6 +381,14 @@ impl RaftNetwork<TypeConfig> for Conn {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
+        // Heartbeats and commit updates (no entries) cost a follower no
+        // fsync: only appends with entries make its pipeline busy.
+        let counted = if rpc.entries.is_empty() {
+            &None
+        } else {
+            &self.appending
+        };
+        let _pending = Pending::new(counted);
         self.call(RaftKind::AppendEntries, &rpc, &option).await
     }
 

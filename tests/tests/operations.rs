@@ -7,6 +7,7 @@
 
 use std::time::{Duration, Instant};
 
+use natter_proto::cluster::StatusReply;
 use natter_tests::ops::{
     admin, admin_status_healthy, check_acked, conversation_per_shard, http_get, metrics_args,
     natter, opts, sample, Load,
@@ -241,6 +242,52 @@ async fn status_json_and_metrics_scrape_reflect_the_cluster_and_move_with_writes
         assert!(Instant::now() < deadline, "metrics did not move:\n{after}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // Eager replication: once the shard's followers hold every entry (their
+    // pipelines idle), the leader sends its next entry to them during its
+    // own fsync, not after it. Three tries, as a follower's answer can still
+    // be on its way when its status already shows the entry.
+    let shard_of = |st: StatusReply| st.groups.into_iter().find(|g| g.group == shard);
+    let leader = shard_of(c.status(id).await.unwrap()).unwrap().leader_id;
+    let eager_sent = shard_of(c.status(leader).await.unwrap())
+        .unwrap()
+        .eager_appends;
+    let mut sent_eagerly = false;
+    for i in 0..3 {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let g = shard_of(c.status(leader).await.unwrap()).unwrap();
+            let mut idle = true;
+            for v in g.voters.iter().filter(|v| **v != leader) {
+                let held = shard_of(c.status(*v).await.unwrap()).map(|f| f.last_log_index);
+                idle &= held >= Some(g.last_log_index);
+            }
+            if idle {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "followers never caught up: {g:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        n.exec(natter_tests::natter::Natter::send_op(
+            &conv,
+            natter_tests::ops::ALICE,
+            &format!("idle{i}"),
+            "hello",
+        ))
+        .await
+        .unwrap();
+        let g = shard_of(c.status(leader).await.unwrap()).unwrap();
+        if g.eager_appends > eager_sent {
+            sent_eagerly = true;
+            break;
+        }
+    }
+    assert!(
+        sent_eagerly,
+        "no eager append in three sends to idle followers"
+    );
     // Human status has the summary line.
     let (code, text, _) = admin_status_healthy(&node1, &[]);
     assert_eq!(code, 0, "{text}");
