@@ -53,6 +53,10 @@ pub const MAX_EAGER_BYTES: usize = 64 * 1024;
 /// How long an unanswered eager request blocks the next one to that peer.
 const EAGER_TTL: Duration = Duration::from_secs(1);
 
+/// After a request that did not reach the peer (down, unreachable), how
+/// long before the next one: not one connection attempt per append.
+const EAGER_BACKOFF: Duration = Duration::from_secs(1);
+
 type ServerMetrics = RaftServerMetrics<NodeId, openraft::BasicNode>;
 
 /// One group's eager sender, owned by its log store.
@@ -63,7 +67,7 @@ pub(crate) struct Eager {
     /// The group's role, term and membership, once the group runs.
     server: OnceLock<watch::Receiver<ServerMetrics>>,
     /// The id of the last entry this log appended, if known (reset by a
-    /// truncation): the `prev_log_id` of the next append.
+    /// truncation or purge): the `prev_log_id` of the next append.
     last: Mutex<Option<LogId>>,
     /// Per follower: whether an eager request to it awaits its answer.
     busy: Mutex<HashMap<NodeId, Arc<AtomicBool>>>,
@@ -104,7 +108,8 @@ impl Eager {
     pub(crate) fn replicating(&self, target: NodeId) -> Arc<AtomicUsize> {
         match self.replicating.lock() {
             Ok(mut m) => m.entry(target).or_default().clone(),
-            // Poisoned: a counter nobody reads, so eager sends stop there.
+            // Poisoned: `replicating_to` then answers "busy" for everyone
+            // (no eager sends); this counter is counted but never read.
             Err(_) => Arc::new(AtomicUsize::new(1)),
         }
     }
@@ -233,7 +238,13 @@ impl Eager {
             // The answer only frees the follower for the next eager request:
             // openraft learns the follower's state from its own requests.
             tokio::spawn(async move {
-                let _ = peers.call_streamed(&t.addr, request, EAGER_TTL).await;
+                if peers
+                    .call_streamed(&t.addr, request, EAGER_TTL)
+                    .await
+                    .is_err()
+                {
+                    tokio::time::sleep(EAGER_BACKOFF).await;
+                }
                 t.busy.store(false, Ordering::Release);
             });
         }
