@@ -173,6 +173,7 @@ async fn status_json_and_metrics_scrape_reflect_the_cluster_and_move_with_writes
     for s in shards {
         assert_eq!(s["replicas"].as_array().unwrap().len(), 3, "{s}");
         assert!(s["leader"].as_u64().is_some(), "{s}");
+        assert!(s["eager_appends"].as_u64().is_some(), "{s}");
         total_replicas += 3;
     }
     let held: u64 = v["nodes"]

@@ -98,6 +98,9 @@ struct ShardRow {
     learners: Vec<u64>,
     /// Leader's applied index minus the slowest answering replica's.
     lag: u64,
+    /// Appends the leader sent to followers during its own fsync (eager
+    /// replication), since it started.
+    eager_appends: u64,
 }
 
 #[derive(Serialize)]
@@ -161,6 +164,7 @@ async fn status(node: &str) -> Result<Report> {
         let mut term = 0;
         let mut committed = 0;
         let mut learners = Vec::new();
+        let mut eager_appends = 0;
         for (id, s) in &statuses {
             let Some(g) = s.groups.iter().find(|g| g.group == p.shard) else {
                 continue;
@@ -175,6 +179,7 @@ async fn status(node: &str) -> Result<Report> {
             if g.state == "Leader" {
                 committed = g.committed_index;
                 learners = g.learners.clone();
+                eager_appends = g.eager_appends;
             }
         }
         if let Some(n) = leader.and_then(|l| nodes.iter_mut().find(|n| n.id == l)) {
@@ -195,6 +200,7 @@ async fn status(node: &str) -> Result<Report> {
             applied,
             learners,
             lag,
+            eager_appends,
         });
     }
     let up = nodes.iter().filter(|n| n.up).count();
