@@ -23,15 +23,18 @@
 //! request is dropped: only openraft's own replication moves the leader's
 //! view of a follower, so nothing about when an entry commits changes.
 //!
-//! It is a low-load optimisation. Under load a round is bound by CPU, not by
-//! fsync latency, and a second copy of every batch only costs (measured: 9 %
-//! fewer sends/s at 256 clients when every append went eagerly), and splits
-//! a follower's batches into more fsyncs. So a follower gets an eager
+//! It is a low-load optimisation. Under load a round is bound by CPU, not
+//! by fsync latency, and a second copy of a batch only costs: sending every
+//! batch eagerly cost 9 % at 256 clients, and it splits a follower's batches
+//! into more fsyncs. So a follower gets an eager
 //! request only while its pipeline is idle: no openraft append carrying
 //! entries to it and no earlier eager request unanswered. Nothing is
 //! sent either when this node does not lead the entries' term, when the
 //! previous entry's id is unknown, when the peer does not serve the raft
-//! stream, or when a batch is larger than [`MAX_EAGER_BYTES`].
+//! stream, or when a batch is larger than [`MAX_EAGER_BYTES`]. Measured
+//! with this gate: one client +9-13 % sends/s and p50 -10 %; 16 clients
+//! -5-7 % (the nodes are CPU-bound there, yet pipelines are idle often
+//! enough for the second copy to go); 256 clients unchanged within noise.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
