@@ -72,20 +72,33 @@ pub(crate) struct Eager {
     /// The id of the last entry this log appended, if known (reset by a
     /// truncation or purge): the `prev_log_id` of the next append.
     last: Mutex<Option<LogId>>,
-    /// Per follower: whether an eager request to it awaits its answer.
-    busy: Mutex<HashMap<NodeId, Arc<AtomicBool>>>,
-    /// Per follower: openraft's append requests with entries to it awaiting
-    /// an answer (counted by the group's network connection).
-    replicating: Mutex<HashMap<NodeId, Arc<AtomicUsize>>>,
+    /// What this group's leader knows of each follower's pipeline.
+    followers: Mutex<HashMap<NodeId, Arc<Follower>>>,
     /// Eager requests sent since start.
     sent: AtomicU64,
 }
 
-/// Where an eager request goes.
-struct Target {
+/// One follower's pipeline, as seen from the leader.
+#[derive(Default)]
+pub(crate) struct Follower {
+    /// openraft's append requests with entries to it awaiting an answer
+    /// (counted by the group's network connection).
+    pub(crate) appending: AtomicUsize,
+    /// Whether an eager request to it awaits its answer.
+    eager: AtomicBool,
+}
+
+/// A follower claimed for one eager request, at `addr`; released (free for
+/// the next one) when dropped.
+struct Claim {
+    follower: Arc<Follower>,
     addr: String,
-    /// Set while a request to it is unanswered.
-    busy: Arc<AtomicBool>,
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        self.follower.eager.store(false, Ordering::Release);
+    }
 }
 
 impl Eager {
@@ -96,8 +109,7 @@ impl Eager {
             peers,
             server: OnceLock::new(),
             last: Mutex::new(None),
-            busy: Mutex::new(HashMap::new()),
-            replicating: Mutex::new(HashMap::new()),
+            followers: Mutex::new(HashMap::new()),
             sent: AtomicU64::new(0),
         }
     }
@@ -107,25 +119,14 @@ impl Eager {
         self.sent.load(Ordering::Relaxed)
     }
 
-    /// The counter of openraft's unanswered append requests to `target`.
-    pub(crate) fn replicating(&self, target: NodeId) -> Arc<AtomicUsize> {
-        match self.replicating.lock() {
+    /// The pipeline state of follower `target`.
+    pub(crate) fn follower(&self, target: NodeId) -> Arc<Follower> {
+        match self.followers.lock() {
             Ok(mut m) => m.entry(target).or_default().clone(),
-            // Poisoned: `replicating_to` then answers "busy" for everyone
-            // (no eager sends); this counter is counted but never read.
-            Err(_) => Arc::new(AtomicUsize::new(1)),
+            // Poisoned: `claims` sends nothing any more; this state is kept
+            // but never read.
+            Err(_) => Arc::default(),
         }
-    }
-
-    /// Whether openraft has an append to `target` awaiting its answer.
-    fn replicating_to(&self, target: NodeId) -> bool {
-        self.replicating
-            .lock()
-            .map(|m| {
-                m.get(&target)
-                    .is_some_and(|c| c.load(Ordering::Acquire) > 0)
-            })
-            .unwrap_or(true)
     }
 
     /// Connects the group's metrics (the group's Raft exists only after its
@@ -146,9 +147,9 @@ impl Eager {
         }
     }
 
-    /// The voters to send `entries` to, if this node leads the term the
-    /// entries were written in; empty otherwise.
-    fn targets(&self, entries: &[Entry]) -> Vec<Target> {
+    /// The voters to send `entries` to, each claimed, if this node leads the
+    /// term the entries were written in and the voter's pipeline is idle.
+    fn claims(&self, entries: &[Entry]) -> Vec<Claim> {
         let (Some(server), Some(first)) = (self.server.get(), entries.first()) else {
             return Vec::new();
         };
@@ -160,29 +161,24 @@ impl Eager {
         if !leads {
             return Vec::new();
         }
-        let Ok(mut busy) = self.busy.lock() else {
+        let Ok(mut followers) = self.followers.lock() else {
             return Vec::new();
         };
         let membership = m.membership_config.membership();
         membership
             .voter_ids()
-            .filter(|id| *id != self.me && !self.replicating_to(*id))
+            .filter(|id| *id != self.me)
             .filter_map(|id| {
-                let flag = busy.entry(id).or_default();
-                // Claim the follower; skip it if a request is outstanding.
-                if flag.swap(true, Ordering::AcqRel) {
-                    return None;
-                }
-                match membership.get_node(&id) {
-                    Some(n) => Some(Target {
-                        addr: n.addr.clone(),
-                        busy: flag.clone(),
-                    }),
-                    None => {
-                        flag.store(false, Ordering::Release);
-                        None
-                    }
-                }
+                let f = followers.entry(id).or_default();
+                let idle = f.appending.load(Ordering::Acquire) == 0
+                    && !f.eager.swap(true, Ordering::AcqRel);
+                // From here the claim releases the follower when dropped.
+                let mut claim = idle.then(|| Claim {
+                    follower: f.clone(),
+                    addr: String::new(),
+                })?;
+                claim.addr = membership.get_node(&id)?.addr.clone();
+                Some(claim)
             })
             .collect()
     }
@@ -201,14 +197,11 @@ impl Eager {
         if entries.iter().map(approx_size).sum::<usize>() > MAX_EAGER_BYTES {
             return entries;
         }
-        let targets = self.targets(&entries);
-        if targets.is_empty() {
+        let claims = self.claims(&entries);
+        if claims.is_empty() {
             return entries;
         }
         let Some(prev_log_id) = prev(first.log_id.index) else {
-            for t in &targets {
-                t.busy.store(false, Ordering::Release);
-            }
             return entries;
         };
         let vote = openraft::Vote::new_committed(first.log_id.leader_id.term, self.me);
@@ -222,14 +215,10 @@ impl Eager {
             Ok(p) => p,
             Err(e) => {
                 tracing::debug!("group {}: eager append not encoded: {e}", self.group);
-                Vec::new()
+                return req.entries;
             }
         };
-        for t in targets {
-            if payload.is_empty() {
-                t.busy.store(false, Ordering::Release);
-                continue;
-            }
+        for claim in claims {
             let request = RaftRequest {
                 group: self.group,
                 kind: RaftKind::AppendEntries as i32,
@@ -242,13 +231,13 @@ impl Eager {
             // openraft learns the follower's state from its own requests.
             tokio::spawn(async move {
                 if peers
-                    .call_streamed(&t.addr, request, EAGER_TTL)
+                    .call_streamed(&claim.addr, request, EAGER_TTL)
                     .await
                     .is_err()
                 {
                     tokio::time::sleep(EAGER_BACKOFF).await;
                 }
-                t.busy.store(false, Ordering::Release);
+                drop(claim);
             });
         }
         req.entries

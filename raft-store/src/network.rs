@@ -6,7 +6,7 @@
 //! stream, go as unary `Raft` calls.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -27,6 +27,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 
+use crate::eager::Follower;
 use crate::types::{NodeId, TypeConfig};
 
 /// Largest Raft message accepted or sent (an append batch or snapshot chunk).
@@ -299,7 +300,7 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
             from: self.from,
             target,
             link: self.peers.link(&node.addr),
-            appending: self.eager.as_ref().map(|e| e.replicating(target)),
+            appending: self.eager.as_ref().map(|e| e.follower(target)),
         }
     }
 }
@@ -310,26 +311,27 @@ pub struct Conn {
     from: NodeId,
     target: NodeId,
     link: Result<Arc<Link>, String>,
-    /// Counts this connection's unanswered appends (for eager replication).
-    appending: Option<Arc<AtomicUsize>>,
+    /// The peer's pipeline state, where this connection counts its
+    /// unanswered appends (for eager replication).
+    appending: Option<Arc<Follower>>,
 }
 
-/// Holds a count up for as long as it lives.
-struct Pending(Option<Arc<AtomicUsize>>);
+/// Counts an append as unanswered for as long as it lives.
+struct Pending(Option<Arc<Follower>>);
 
 impl Pending {
-    fn new(count: &Option<Arc<AtomicUsize>>) -> Pending {
-        if let Some(c) = count {
-            c.fetch_add(1, Ordering::AcqRel);
+    fn new(follower: &Option<Arc<Follower>>) -> Pending {
+        if let Some(f) = follower {
+            f.appending.fetch_add(1, Ordering::AcqRel);
         }
-        Pending(count.clone())
+        Pending(follower.clone())
     }
 }
 
 impl Drop for Pending {
     fn drop(&mut self) {
-        if let Some(c) = &self.0 {
-            c.fetch_sub(1, Ordering::AcqRel);
+        if let Some(f) = &self.0 {
+            f.appending.fetch_sub(1, Ordering::AcqRel);
         }
     }
 }
