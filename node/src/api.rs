@@ -186,6 +186,7 @@ impl Node for NodeApi {
                 voters: g.voters,
                 learners: g.learners,
                 eager_appends: g.eager_appends,
+                eager_answered: g.eager_answered,
             })
             .collect();
         let (wal_fsyncs, wal_appends, _) = self.host.sync_stats();

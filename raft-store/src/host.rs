@@ -111,6 +111,8 @@ pub struct GroupStatus {
     /// (eager replication), since start.
     #[serde(default)]
     pub eager_appends: u64,
+    /// openraft append requests an eager request's answer stood in for.
+    pub eager_answered: u64,
 }
 
 #[derive(Clone)]
@@ -644,11 +646,14 @@ impl RaftHost {
 
     /// This node's view of every group it hosts.
     pub fn status(&self) -> Vec<GroupStatus> {
-        let groups: Vec<(u32, Raft, u64)> = match self.groups.read() {
+        let groups: Vec<(u32, Raft, (u64, u64))> = match self.groups.read() {
             Ok(g) => g
                 .iter()
                 .map(|(id, g)| {
-                    let eager = g.eager.as_ref().map(|e| e.sent()).unwrap_or(0);
+                    let eager = g
+                        .eager
+                        .as_ref()
+                        .map_or((0, 0), |e| (e.sent(), e.answered()));
                     (*id, g.raft.clone(), eager)
                 })
                 .collect(),
@@ -656,7 +661,7 @@ impl RaftHost {
         };
         let mut out: Vec<GroupStatus> = groups
             .into_iter()
-            .map(|(group, raft, eager_appends)| {
+            .map(|(group, raft, (eager_appends, eager_answered))| {
                 let m = raft.metrics().borrow().clone();
                 let membership = m.membership_config.membership();
                 let applied_index = m.last_applied.map(|l| l.index).unwrap_or(0);
@@ -702,6 +707,7 @@ impl RaftHost {
                         })
                         .unwrap_or_default(),
                     eager_appends,
+                    eager_answered,
                 }
             })
             .collect();

@@ -300,7 +300,7 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
             from: self.from,
             target,
             link: self.peers.link(&node.addr),
-            appending: self.eager.as_ref().map(|e| e.follower(target)),
+            eager: self.eager.as_ref().map(|e| (e.clone(), e.follower(target))),
         }
     }
 }
@@ -311,20 +311,20 @@ pub struct Conn {
     from: NodeId,
     target: NodeId,
     link: Result<Arc<Link>, String>,
-    /// The peer's pipeline state, where this connection counts its
-    /// unanswered appends (for eager replication).
-    appending: Option<Arc<Follower>>,
+    /// The group's eager sender and the peer's pipeline state, where this
+    /// connection counts its unanswered appends (for eager replication).
+    eager: Option<(Arc<crate::eager::Eager>, Arc<Follower>)>,
 }
 
 /// Counts an append as unanswered for as long as it lives.
 struct Pending(Option<Arc<Follower>>);
 
 impl Pending {
-    fn new(follower: &Option<Arc<Follower>>) -> Pending {
+    fn new(follower: Option<&Arc<Follower>>) -> Pending {
         if let Some(f) = follower {
             f.appending.fetch_add(1, Ordering::AcqRel);
         }
-        Pending(follower.clone())
+        Pending(follower.cloned())
     }
 }
 
@@ -385,12 +385,19 @@ impl RaftNetwork<TypeConfig> for Conn {
     ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
         // Heartbeats and commit updates (no entries) cost a follower no
         // fsync: only appends with entries make its pipeline busy.
-        let counted = if rpc.entries.is_empty() {
-            &None
-        } else {
-            &self.appending
-        };
-        let _pending = Pending::new(counted);
+        let eager = self.eager.as_ref().filter(|_| !rpc.entries.is_empty());
+        let _pending = Pending::new(eager.map(|(_, f)| f));
+        // These entries may have gone to the peer already, eagerly: its
+        // answer to that request answers this one (`Follower::covering`).
+        // Anything but `Success` in half the time, and the request goes.
+        if let Some((sender, follower)) = eager {
+            if let Some(answer) = follower.covering(&rpc) {
+                if crate::eager::succeeded(answer, option.hard_ttl() / 2).await {
+                    sender.count_answered();
+                    return Ok(AppendEntriesResponse::Success);
+                }
+            }
+        }
         self.call(RaftKind::AppendEntries, &rpc, &option).await
     }
 

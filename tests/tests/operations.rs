@@ -174,6 +174,7 @@ async fn status_json_and_metrics_scrape_reflect_the_cluster_and_move_with_writes
         assert_eq!(s["replicas"].as_array().unwrap().len(), 3, "{s}");
         assert!(s["leader"].as_u64().is_some(), "{s}");
         assert!(s["eager_appends"].as_u64().is_some(), "{s}");
+        assert!(s["eager_answered"].as_u64().is_some(), "{s}");
         total_replicas += 3;
     }
     let held: u64 = v["nodes"]
@@ -249,10 +250,8 @@ async fn status_json_and_metrics_scrape_reflect_the_cluster_and_move_with_writes
     // be on its way when its status already shows the entry.
     let shard_of = |st: StatusReply| st.groups.into_iter().find(|g| g.group == shard);
     let leader = shard_of(c.status(id).await.unwrap()).unwrap().leader_id;
-    let eager_sent = shard_of(c.status(leader).await.unwrap())
-        .unwrap()
-        .eager_appends;
-    let mut sent_eagerly = false;
+    let before = shard_of(c.status(leader).await.unwrap()).unwrap();
+    let (mut sent_eagerly, mut answered_eagerly) = (false, false);
     for i in 0..3 {
         let deadline = Instant::now() + WAIT;
         loop {
@@ -280,14 +279,21 @@ async fn status_json_and_metrics_scrape_reflect_the_cluster_and_move_with_writes
         .await
         .unwrap();
         let g = shard_of(c.status(leader).await.unwrap()).unwrap();
-        if g.eager_appends > eager_sent {
-            sent_eagerly = true;
+        sent_eagerly |= g.eager_appends > before.eager_appends;
+        // ... and the followers' answers to it stood in for openraft's own
+        // request for the same entries, which was therefore not sent.
+        answered_eagerly |= g.eager_answered > before.eager_answered;
+        if sent_eagerly && answered_eagerly {
             break;
         }
     }
     assert!(
         sent_eagerly,
         "no eager append in three sends to idle followers"
+    );
+    assert!(
+        answered_eagerly,
+        "no eager answer stood in for openraft's request in three sends"
     );
     // Human status has the summary line.
     let (code, text, _) = admin_status_healthy(&node1, &[]);

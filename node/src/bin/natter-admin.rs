@@ -101,6 +101,8 @@ struct ShardRow {
     /// Appends the leader sent to followers during its own fsync (eager
     /// replication), since it started.
     eager_appends: u64,
+    /// The leader's own appends that an eager request's answer stood in for.
+    eager_answered: u64,
 }
 
 #[derive(Serialize)]
@@ -164,7 +166,7 @@ async fn status(node: &str) -> Result<Report> {
         let mut term = 0;
         let mut committed = 0;
         let mut learners = Vec::new();
-        let mut eager_appends = 0;
+        let (mut eager_appends, mut eager_answered) = (0, 0);
         for (id, s) in &statuses {
             let Some(g) = s.groups.iter().find(|g| g.group == p.shard) else {
                 continue;
@@ -180,6 +182,7 @@ async fn status(node: &str) -> Result<Report> {
                 committed = g.committed_index;
                 learners = g.learners.clone();
                 eager_appends = g.eager_appends;
+                eager_answered = g.eager_answered;
             }
         }
         if let Some(n) = leader.and_then(|l| nodes.iter_mut().find(|n| n.id == l)) {
@@ -201,6 +204,7 @@ async fn status(node: &str) -> Result<Report> {
             learners,
             lag,
             eager_appends,
+            eager_answered,
         });
     }
     let up = nodes.iter().filter(|n| n.up).count();
