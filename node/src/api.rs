@@ -10,11 +10,12 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use natter_model::pb;
 use natter_proto::cluster::node_server::Node;
 use natter_proto::cluster::{
-    propose_reply, read_reply, ChangeEvent, ChangeReplicasReply, ChangeReplicasRequest,
-    Consistency as PbConsistency, GroupStatus as PbGroupStatus, HostReplicaReply,
-    HostReplicaRequest, MetaResponse, NotLeader, ProposeReply, ProposeRequest, ReadReply,
-    ReadRequest, RetireReply, RetireRequest, ShardMap, ShardMapRequest, StatusReply, StatusRequest,
-    TransferLeaderReply, TransferLeaderRequest, WatchRequest,
+    call_frame, call_frame_reply, propose_reply, read_reply, CallFrame, CallFrameReply,
+    ChangeEvent, ChangeReplicasReply, ChangeReplicasRequest, Consistency as PbConsistency,
+    GroupStatus as PbGroupStatus, HostReplicaReply, HostReplicaRequest, MetaResponse, NotLeader,
+    ProposeReply, ProposeRequest, ReadReply, ReadRequest, RetireReply, RetireRequest, ShardMap,
+    ShardMapRequest, StatusReply, StatusRequest, TransferLeaderReply, TransferLeaderRequest,
+    WatchRequest,
 };
 use natter_proto::cluster::{
     GetPresenceReply, GetPresenceRequest, ReportPresenceReply, ReportPresenceRequest, TypingReply,
@@ -22,7 +23,8 @@ use natter_proto::cluster::{
 };
 use natter_raft_store::{Consistency, Error, RaftHost};
 use prost::Message;
-use tonic::{Request, Response, Status};
+use tonic::{Request, Response, Status, Streaming};
+use tracing::Instrument;
 
 use crate::events::Events;
 use crate::META_GROUP;
@@ -31,6 +33,7 @@ use crate::META_GROUP;
 /// far below this; this bounds what is decoded at all).
 pub const MAX_REQUEST_BYTES: usize = 1024 * 1024;
 
+#[derive(Clone)]
 pub struct NodeApi {
     pub host: Arc<RaftHost>,
     pub region: String,
@@ -110,19 +113,22 @@ fn consistency(c: i32) -> Result<Consistency, Status> {
     }
 }
 
-#[tonic::async_trait]
-impl Node for NodeApi {
-    async fn propose(
-        &self,
-        request: Request<ProposeRequest>,
-    ) -> Result<Response<ProposeReply>, Status> {
-        let req = request.into_inner();
+/// Replies of one `Calls` stream queued for the caller.
+const CALL_REPLY_QUEUE: usize = 1024;
+
+/// Calls of one `Calls` stream handled at once.
+const MAX_CALLS_IN_FLIGHT: usize = 4096;
+
+impl NodeApi {
+    /// `Propose`: stamps a data shard's command with this leader's clock,
+    /// proposes it and waits until it is applied.
+    async fn propose_call(&self, req: ProposeRequest) -> Result<ProposeReply, Status> {
         let command = if req.shard == META_GROUP {
             req.command
         } else {
             stamp_command(&req.command, now_ms())?
         };
-        let reply = match self.host.propose(req.shard, command.clone()).await {
+        Ok(match self.host.propose(req.shard, command.clone()).await {
             Ok(p) => {
                 if req.shard != META_GROUP {
                     self.events
@@ -137,32 +143,129 @@ impl Node for NodeApi {
                 result: Some(propose_reply::Result::NotLeader(classify(e)?)),
                 index: 0,
             },
-        };
-        Ok(Response::new(reply))
+        })
     }
 
-    async fn read(&self, request: Request<ReadRequest>) -> Result<Response<ReadReply>, Status> {
-        let req = request.into_inner();
+    /// `Read`: a query of a shard at the asked consistency.
+    async fn read_call(&self, req: ReadRequest) -> Result<ReadReply, Status> {
         let query = if req.shard == META_GROUP {
             req.query
         } else {
             stamp_query(&req.query, now_ms())?
         };
-        let reply = match self
-            .host
-            .read(req.shard, &query, consistency(req.consistency)?)
+        Ok(
+            match self
+                .host
+                .read(req.shard, &query, consistency(req.consistency)?)
+                .await
+            {
+                Ok((r, applied)) => ReadReply {
+                    result: Some(read_reply::Result::Response(r)),
+                    applied_index: applied,
+                },
+                Err(e) => ReadReply {
+                    result: Some(read_reply::Result::NotLeader(classify(e)?)),
+                    applied_index: 0,
+                },
+            },
+        )
+    }
+
+    /// One call of a `Calls` stream, answered as its unary twin would be.
+    async fn call_frame(&self, frame: CallFrame) -> CallFrameReply {
+        let span = frame_span(&frame.trace);
+        let answer = async {
+            match frame.call {
+                Some(call_frame::Call::Propose(p)) => self
+                    .propose_call(p)
+                    .await
+                    .map(call_frame_reply::Reply::Propose),
+                Some(call_frame::Call::Read(r)) => {
+                    self.read_call(r).await.map(call_frame_reply::Reply::Read)
+                }
+                None => Err(Status::invalid_argument("a call frame without a call")),
+            }
+        }
+        .instrument(span)
+        .await;
+        match answer {
+            Ok(reply) => CallFrameReply {
+                id: frame.id,
+                code: tonic::Code::Ok as i32,
+                message: String::new(),
+                reply: Some(reply),
+            },
+            Err(s) => CallFrameReply {
+                id: frame.id,
+                code: s.code() as i32,
+                message: s.message().to_string(),
+                reply: None,
+            },
+        }
+    }
+}
+
+/// The tracing span of one call on a `Calls` stream (see [`trace_span`]).
+fn frame_span(trace: &str) -> tracing::Span {
+    if trace.is_empty() {
+        return tracing::Span::none();
+    }
+    let t: String = trace.chars().take(64).collect();
+    let span = tracing::info_span!("rpc", trace = %t, path = "Calls");
+    tracing::debug!(parent: &span, "request");
+    span
+}
+
+#[tonic::async_trait]
+impl Node for NodeApi {
+    async fn propose(
+        &self,
+        request: Request<ProposeRequest>,
+    ) -> Result<Response<ProposeReply>, Status> {
+        self.propose_call(request.into_inner())
             .await
-        {
-            Ok((r, applied)) => ReadReply {
-                result: Some(read_reply::Result::Response(r)),
-                applied_index: applied,
-            },
-            Err(e) => ReadReply {
-                result: Some(read_reply::Result::NotLeader(classify(e)?)),
-                applied_index: 0,
-            },
-        };
-        Ok(Response::new(reply))
+            .map(Response::new)
+    }
+
+    async fn read(&self, request: Request<ReadRequest>) -> Result<Response<ReadReply>, Status> {
+        self.read_call(request.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    type CallsStream =
+        std::pin::Pin<Box<dyn futures::Stream<Item = Result<CallFrameReply, Status>> + Send>>;
+
+    async fn calls(
+        &self,
+        request: Request<Streaming<CallFrame>>,
+    ) -> Result<Response<Self::CallsStream>, Status> {
+        let mut inbound = request.into_inner();
+        let (tx, rx) = tokio::sync::mpsc::channel(CALL_REPLY_QUEUE);
+        let api = Arc::new(self.clone());
+        let in_flight = Arc::new(tokio::sync::Semaphore::new(MAX_CALLS_IN_FLIGHT));
+        tokio::spawn(async move {
+            // Ends when the caller closes the stream or it breaks (an
+            // undecodable or over-size frame, the connection lost): the
+            // caller sees the stream end and opens a new one.
+            while let Ok(Some(frame)) = inbound.message().await {
+                // At most so many calls of one stream at once: past that,
+                // frames wait in the connection (HTTP/2 flow control).
+                let Ok(permit) = in_flight.clone().acquire_owned().await else {
+                    break;
+                };
+                let (api, tx) = (api.clone(), tx.clone());
+                tokio::spawn(async move {
+                    let reply = api.call_frame(frame).await;
+                    // The caller may have gone meanwhile: nobody to tell.
+                    let _ = tx.send(Ok(reply)).await;
+                    drop(permit);
+                });
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
     }
 
     async fn status(

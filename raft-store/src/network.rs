@@ -6,12 +6,13 @@
 //! stream, go as unary `Raft` calls.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use natter_proto::cluster::raft_transport_client::RaftTransportClient;
 use natter_proto::cluster::{RaftFrame, RaftFrameReply, RaftKind, RaftRequest};
+use natter_proto::mux::Mux;
 use openraft::error::{
     InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
 };
@@ -22,8 +23,6 @@ use openraft::raft::{
 };
 use openraft::BasicNode;
 use serde::{de::DeserializeOwned, Serialize};
-use tokio::sync::{mpsc, oneshot};
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 
@@ -88,7 +87,7 @@ impl Peers {
             ));
         }
         let deadline = tokio::time::Instant::now() + ttl;
-        link.stream()?.call(req, deadline).await
+        call_on(&*link.stream()?, req, deadline).await
     }
 }
 
@@ -126,10 +125,13 @@ impl Link {
             .stream
             .lock()
             .map_err(|_| Status::internal("raft stream slot poisoned"))?;
-        if let Some(s) = cur.as_ref().filter(|s| s.open.load(Ordering::SeqCst)) {
+        if let Some(s) = cur.as_ref().filter(|s| s.is_open()) {
             return Ok(s.clone());
         }
-        let s = FrameStream::open(self.client());
+        let mut client = self.client();
+        let s = Mux::open("raft stream", STREAM_QUEUE, move |frames| {
+            Box::new(async move { client.raft_stream(frames).await })
+        });
         *cur = Some(s.clone());
         Ok(s)
     }
@@ -148,7 +150,7 @@ impl Link {
             return self.unary(req, ttl).await;
         }
         let deadline = tokio::time::Instant::now() + ttl;
-        let res = self.stream()?.call(req, deadline).await;
+        let res = call_on(&*self.stream()?, req, deadline).await;
         if matches!(&res, Err(s) if s.code() == Code::Unimplemented) {
             // openraft resends a failed message (a vote at the next
             // election), and the resend goes unary.
@@ -159,126 +161,25 @@ impl Link {
     }
 }
 
-type Waiter = oneshot::Sender<Result<RaftFrameReply, Status>>;
+/// The raft stream to a peer.
+type FrameStream = Mux<RaftFrame, RaftFrameReply>;
 
-/// One `RaftStream` to a peer: frames out, replies matched to their
-/// waiters by id. Once it ends (the peer closed it, the connection broke),
-/// every waiter gets the error and the next message opens a new one.
-struct FrameStream {
-    out: mpsc::Sender<RaftFrame>,
-    pending: Mutex<HashMap<u64, Waiter>>,
-    next_id: AtomicU64,
-    open: AtomicBool,
-}
-
-impl FrameStream {
-    fn open(mut client: RaftTransportClient<Channel>) -> Arc<FrameStream> {
-        let (out, rx) = mpsc::channel(STREAM_QUEUE);
-        let s = Arc::new(FrameStream {
-            out,
-            pending: Mutex::new(HashMap::new()),
-            next_id: AtomicU64::new(1),
-            open: AtomicBool::new(true),
-        });
-        let me = s.clone();
-        tokio::spawn(async move {
-            let ended = match client.raft_stream(ReceiverStream::new(rx)).await {
-                Ok(replies) => {
-                    let mut replies = replies.into_inner();
-                    loop {
-                        match replies.message().await {
-                            Ok(Some(r)) => me.complete(r),
-                            Ok(None) => {
-                                break Status::unavailable("the peer closed the raft stream")
-                            }
-                            Err(e) => break e,
-                        }
-                    }
-                }
-                Err(e) => e,
-            };
-            me.close(&ended);
-        });
-        s
-    }
-
-    fn complete(&self, reply: RaftFrameReply) {
-        let waiter = self
-            .pending
-            .lock()
-            .ok()
-            .and_then(|mut p| p.remove(&reply.id));
-        if let Some(w) = waiter {
-            // The caller may have given up (timeout): nobody to tell.
-            let _ = w.send(Ok(reply));
-        }
-    }
-
-    /// Marks the stream ended and fails every waiter with `why`. A caller
-    /// registering concurrently sees `open` false after registering, so no
-    /// waiter is left behind.
-    fn close(&self, why: &Status) {
-        self.open.store(false, Ordering::SeqCst);
-        let waiters: Vec<Waiter> = match self.pending.lock() {
-            Ok(mut p) => p.drain().map(|(_, w)| w).collect(),
-            Err(_) => Vec::new(),
-        };
-        for w in waiters {
-            let _ = w.send(Err(Status::new(why.code(), why.message().to_string())));
-        }
-    }
-
-    /// Sends `req` and waits for its reply until `deadline`.
-    async fn call(
-        &self,
-        req: RaftRequest,
-        deadline: tokio::time::Instant,
-    ) -> Result<Vec<u8>, Status> {
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = oneshot::channel();
-        self.pending
-            .lock()
-            .map_err(|_| Status::internal("raft stream waiters poisoned"))?
-            .insert(id, tx);
-        // Whatever happens below (even the caller dropping this future), the
-        // waiter does not outlive the call.
-        let _forget = Forget { stream: self, id };
-        if !self.open.load(Ordering::SeqCst) {
-            return Err(Status::unavailable("the raft stream ended"));
-        }
-        let frame = RaftFrame {
-            id,
-            request: Some(req),
-        };
-        match tokio::time::timeout_at(deadline, self.out.send(frame)).await {
-            Err(_) => return Err(Status::deadline_exceeded("raft stream send queue full")),
-            Ok(Err(_)) => return Err(Status::unavailable("the raft stream ended")),
-            Ok(Ok(())) => {}
-        }
-        let reply = match tokio::time::timeout_at(deadline, rx).await {
-            Err(_) => return Err(Status::deadline_exceeded("no reply on the raft stream")),
-            Ok(Err(_)) => return Err(Status::unavailable("the raft stream ended")),
-            Ok(Ok(r)) => r?,
-        };
-        if reply.code == Code::Ok as i32 {
-            Ok(reply.payload)
-        } else {
-            Err(Status::new(Code::from(reply.code), reply.message))
-        }
-    }
-}
-
-/// Removes a call's waiter when the call ends.
-struct Forget<'a> {
-    stream: &'a FrameStream,
-    id: u64,
-}
-
-impl Drop for Forget<'_> {
-    fn drop(&mut self) {
-        if let Ok(mut p) = self.stream.pending.lock() {
-            p.remove(&self.id);
-        }
+/// Sends `req` on `stream` and waits for its reply until `deadline`; the
+/// encoded openraft result.
+async fn call_on(
+    stream: &FrameStream,
+    req: RaftRequest,
+    deadline: tokio::time::Instant,
+) -> Result<Vec<u8>, Status> {
+    let frame = RaftFrame {
+        id: 0,
+        request: Some(req),
+    };
+    let reply = stream.call(frame, deadline).await?;
+    if reply.code == Code::Ok as i32 {
+        Ok(reply.payload)
+    } else {
+        Err(Status::new(Code::from(reply.code), reply.message))
     }
 }
 
@@ -426,11 +327,13 @@ mod tests {
     //! The link against a stand-in peer (a gRPC server on loopback that
     //! echoes payloads), to check the stream's plumbing without Raft.
     use std::pin::Pin;
+    use std::sync::atomic::AtomicU64;
 
     use futures::Stream;
     use natter_proto::cluster::raft_transport_server::{RaftTransport, RaftTransportServer};
     use natter_proto::cluster::RaftReply;
-    use tokio_stream::wrappers::TcpListenerStream;
+    use tokio::sync::mpsc;
+    use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
     use tonic::{Request, Response, Streaming};
 
     use super::*;
@@ -560,8 +463,8 @@ mod tests {
             .await
             .unwrap_err();
         assert_ne!(e.code(), Code::DeadlineExceeded, "{e}");
-        assert!(!first.open.load(Ordering::SeqCst));
-        assert!(first.pending.lock().unwrap().is_empty());
+        assert!(!first.is_open());
+        assert_eq!(first.waiting(), 0);
         assert_eq!(
             link.send(msg(RaftKind::Vote, b"again"), TTL).await.unwrap(),
             b"again"
@@ -595,11 +498,10 @@ mod tests {
         let s = link.stream().unwrap();
         // A deadline already past: the frame goes out, but its reply is
         // not waited for.
-        let e = s
-            .call(msg(RaftKind::Vote, b"x"), tokio::time::Instant::now())
+        let e = call_on(&s, msg(RaftKind::Vote, b"x"), tokio::time::Instant::now())
             .await
             .unwrap_err();
         assert_eq!(e.code(), Code::DeadlineExceeded, "{e}");
-        assert!(s.pending.lock().unwrap().is_empty());
+        assert_eq!(s.waiting(), 0);
     }
 }

@@ -14,8 +14,11 @@ use std::time::{Duration, Instant};
 use natter_model::pb::{self, command::Op, query::Q, response::R};
 use natter_proto::cluster::node_client::NodeClient;
 use natter_proto::cluster::{
-    propose_reply, read_reply, Consistency, ProposeRequest, ReadRequest, ShardMap, ShardMapRequest,
+    call_frame, call_frame_reply, propose_reply, read_reply, CallFrame, CallFrameReply,
+    Consistency, NotLeader, ProposeReply, ProposeRequest, ReadReply, ReadRequest, ShardMap,
+    ShardMapRequest,
 };
+use natter_proto::mux::Mux;
 use prost::Message;
 use tonic::transport::{Channel, Endpoint};
 
@@ -27,6 +30,14 @@ const BACKOFF_START: Duration = Duration::from_millis(20);
 const BACKOFF_MAX: Duration = Duration::from_millis(500);
 /// Redirects followed in a row before backing off.
 const MAX_REDIRECTS: usize = 3;
+/// Calls queued on a node's `Calls` stream before callers wait for room.
+const CALL_QUEUE: usize = 1024;
+/// How long a node that does not serve `Calls` (an older version) gets
+/// unary calls before the stream is tried again.
+const UNARY_FALLBACK: Duration = Duration::from_secs(60);
+
+/// A node's `Calls` stream: proposals and reads as frames on one stream.
+type CallStream = Mux<CallFrame, CallFrameReply>;
 
 /// Why a request to the cluster failed.
 #[derive(Debug, thiserror::Error)]
@@ -104,6 +115,11 @@ struct Inner {
     layout: RwLock<Option<Arc<Layout>>>,
     leaders: Mutex<HashMap<u32, String>>,
     clients: Mutex<HashMap<String, NodeClient<Channel>>>,
+    /// Each node's `Calls` stream (proposals and reads), once opened.
+    streams: Mutex<HashMap<String, Arc<CallStream>>>,
+    /// Nodes that do not serve `Calls` (an older version), until when they
+    /// get unary calls.
+    unary_until: Mutex<HashMap<String, Instant>>,
     /// Serialises map refreshes so an outage doesn't multiply them.
     refreshing: tokio::sync::Mutex<Option<Instant>>,
 }
@@ -116,6 +132,8 @@ impl Cluster {
                 layout: RwLock::new(None),
                 leaders: Mutex::new(HashMap::new()),
                 clients: Mutex::new(HashMap::new()),
+                streams: Mutex::new(HashMap::new()),
+                unary_until: Mutex::new(HashMap::new()),
                 refreshing: tokio::sync::Mutex::new(None),
             }),
         }
@@ -143,6 +161,37 @@ impl Cluster {
             .max_encoding_message_size(MAX_REPLY_BYTES);
         m.insert(addr.to_string(), c.clone());
         Ok(c)
+    }
+
+    /// The open `Calls` stream to the node at `addr` (opened on `client`'s
+    /// channel if there is none), or `None` while the node gets unary calls.
+    fn call_stream(&self, addr: &str, client: &NodeClient<Channel>) -> Option<Arc<CallStream>> {
+        let unary = self
+            .inner
+            .unary_until
+            .lock()
+            .ok()?
+            .get(addr)
+            .is_some_and(|t| Instant::now() < *t);
+        if unary {
+            return None;
+        }
+        let mut streams = self.inner.streams.lock().ok()?;
+        if let Some(s) = streams.get(addr).filter(|s| s.is_open()) {
+            return Some(s.clone());
+        }
+        let mut client = client.clone();
+        let s = Mux::open("call stream", CALL_QUEUE, move |frames| {
+            Box::new(async move { client.calls(frames).await })
+        });
+        streams.insert(addr.to_string(), s.clone());
+        Some(s)
+    }
+
+    fn fall_back_to_unary(&self, addr: &str) {
+        if let Ok(mut u) = self.inner.unary_until.lock() {
+            u.insert(addr.to_string(), Instant::now() + UNARY_FALLBACK);
+        }
     }
 
     /// The last shard map fetched, if any.
@@ -287,7 +336,45 @@ impl Cluster {
             Err(e) => return Attempt::Failed(None, e.to_string()),
         };
         let trace = crate::metrics::current_trace();
+        let limit = ATTEMPT_TIMEOUT.min(deadline.saturating_duration_since(Instant::now()));
         let call = async {
+            if let Some(stream) = self.call_stream(addr, &c) {
+                let call = match read {
+                    Some(consistency) => call_frame::Call::Read(ReadRequest {
+                        shard,
+                        query: payload.to_vec(),
+                        consistency: consistency as i32,
+                    }),
+                    None => call_frame::Call::Propose(ProposeRequest {
+                        shard,
+                        command: payload.to_vec(),
+                    }),
+                };
+                let frame = CallFrame {
+                    id: 0,
+                    trace: trace.clone().unwrap_or_default(),
+                    call: Some(call),
+                };
+                let until = tokio::time::Instant::now() + limit;
+                match stream.call(frame, until).await {
+                    Err(s) if s.code() == tonic::Code::Unimplemented => {
+                        // The node predates `Calls`: unary calls, below.
+                        tracing::info!("{addr} does not serve call streams; sending unary calls");
+                        self.fall_back_to_unary(addr);
+                    }
+                    Err(s) => return Err(s),
+                    Ok(r) if r.code != tonic::Code::Ok as i32 => {
+                        return Err(tonic::Status::new(r.code.into(), r.message))
+                    }
+                    Ok(r) => {
+                        return match r.reply {
+                            Some(call_frame_reply::Reply::Propose(p)) => Ok(proposed(p)),
+                            Some(call_frame_reply::Reply::Read(r)) => Ok(read_result(r)),
+                            None => Err(tonic::Status::internal("a call reply without a reply")),
+                        }
+                    }
+                }
+            }
             if let Some(consistency) = read {
                 c.read(traced(
                     ReadRequest {
@@ -298,11 +385,7 @@ impl Cluster {
                     &trace,
                 ))
                 .await
-                .map(|r| match r.into_inner().result {
-                    Some(read_reply::Result::Response(b)) => Ok(b),
-                    Some(read_reply::Result::NotLeader(nl)) => Err(nl),
-                    None => Err(Default::default()),
-                })
+                .map(|r| read_result(r.into_inner()))
             } else {
                 c.propose(traced(
                     ProposeRequest {
@@ -312,14 +395,9 @@ impl Cluster {
                     &trace,
                 ))
                 .await
-                .map(|r| match r.into_inner().result {
-                    Some(propose_reply::Result::Response(b)) => Ok(b),
-                    Some(propose_reply::Result::NotLeader(nl)) => Err(nl),
-                    None => Err(Default::default()),
-                })
+                .map(|r| proposed(r.into_inner()))
             }
         };
-        let limit = ATTEMPT_TIMEOUT.min(deadline.saturating_duration_since(Instant::now()));
         match tokio::time::timeout(limit, call).await {
             Ok(Ok(Ok(bytes))) => Attempt::Done(bytes),
             Ok(Ok(Err(nl))) if !nl.leader_addr.is_empty() && nl.leader_addr != addr => {
@@ -474,6 +552,24 @@ impl Cluster {
     }
 }
 
+/// A propose reply as the answer or the leader to ask.
+fn proposed(r: ProposeReply) -> Result<Vec<u8>, NotLeader> {
+    match r.result {
+        Some(propose_reply::Result::Response(b)) => Ok(b),
+        Some(propose_reply::Result::NotLeader(nl)) => Err(nl),
+        None => Err(Default::default()),
+    }
+}
+
+/// A read reply as the answer or the leader to ask.
+fn read_result(r: ReadReply) -> Result<Vec<u8>, NotLeader> {
+    match r.result {
+        Some(read_reply::Result::Response(b)) => Ok(b),
+        Some(read_reply::Result::NotLeader(nl)) => Err(nl),
+        None => Err(Default::default()),
+    }
+}
+
 /// A gRPC request carrying the client request's trace id, if any.
 fn traced<T>(msg: T, trace: &Option<String>) -> tonic::Request<T> {
     let mut req = tonic::Request::new(msg);
@@ -490,4 +586,187 @@ fn decode(raw: &[u8]) -> Result<R, ClusterError> {
         .map_err(|e| ClusterError::BadReply(e.to_string()))?
         .r
         .ok_or_else(|| ClusterError::BadReply("empty response".into()))
+}
+
+#[cfg(test)]
+mod tests {
+    //! The router's calls against a stand-in node (a gRPC server on
+    //! loopback that answers each command with its own bytes), to check the
+    //! `Calls` stream and the fallback to unary calls without a cluster.
+    use std::pin::Pin;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    use futures::Stream;
+    use natter_proto::cluster::node_server::{Node, NodeServer};
+    use natter_proto::cluster::*;
+    use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+    use tonic::{Request, Response, Status, Streaming};
+
+    use super::*;
+
+    /// Echoes proposals (unary and on the stream); `streams: false` plays a
+    /// node of a version without `Calls`. Counts unary proposals.
+    struct Echo {
+        streams: bool,
+        unary: Arc<AtomicU64>,
+    }
+
+    fn echo(p: ProposeRequest) -> ProposeReply {
+        ProposeReply {
+            result: Some(propose_reply::Result::Response(p.command)),
+            index: 1,
+        }
+    }
+
+    type Boxed<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+    fn no<T>() -> Result<Response<T>, Status> {
+        Err(Status::unimplemented("not in this stand-in"))
+    }
+
+    #[tonic::async_trait]
+    impl Node for Echo {
+        async fn propose(
+            &self,
+            r: Request<ProposeRequest>,
+        ) -> Result<Response<ProposeReply>, Status> {
+            self.unary.fetch_add(1, Ordering::SeqCst);
+            Ok(Response::new(echo(r.into_inner())))
+        }
+        async fn read(&self, _: Request<ReadRequest>) -> Result<Response<ReadReply>, Status> {
+            no()
+        }
+        type CallsStream = Boxed<CallFrameReply>;
+        async fn calls(
+            &self,
+            r: Request<Streaming<CallFrame>>,
+        ) -> Result<Response<Self::CallsStream>, Status> {
+            if !self.streams {
+                return no();
+            }
+            let mut inbound = r.into_inner();
+            let (tx, rx) = tokio::sync::mpsc::channel(16);
+            tokio::spawn(async move {
+                while let Ok(Some(f)) = inbound.message().await {
+                    let reply = match f.call {
+                        Some(call_frame::Call::Propose(p)) => {
+                            Some(call_frame_reply::Reply::Propose(echo(p)))
+                        }
+                        _ => None,
+                    };
+                    let r = CallFrameReply {
+                        id: f.id,
+                        code: 0,
+                        message: String::new(),
+                        reply,
+                    };
+                    let _ = tx.send(Ok(r)).await;
+                }
+            });
+            Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        }
+        async fn status(&self, _: Request<StatusRequest>) -> Result<Response<StatusReply>, Status> {
+            no()
+        }
+        async fn shard_map(
+            &self,
+            _: Request<ShardMapRequest>,
+        ) -> Result<Response<ShardMap>, Status> {
+            no()
+        }
+        async fn transfer_leader(
+            &self,
+            _: Request<TransferLeaderRequest>,
+        ) -> Result<Response<TransferLeaderReply>, Status> {
+            no()
+        }
+        type WatchStream = Boxed<ChangeEvent>;
+        async fn watch(
+            &self,
+            _: Request<WatchRequest>,
+        ) -> Result<Response<Self::WatchStream>, Status> {
+            no()
+        }
+        async fn report_presence(
+            &self,
+            _: Request<ReportPresenceRequest>,
+        ) -> Result<Response<ReportPresenceReply>, Status> {
+            no()
+        }
+        async fn get_presence(
+            &self,
+            _: Request<GetPresenceRequest>,
+        ) -> Result<Response<GetPresenceReply>, Status> {
+            no()
+        }
+        async fn typing(&self, _: Request<TypingRequest>) -> Result<Response<TypingReply>, Status> {
+            no()
+        }
+        async fn host_replica(
+            &self,
+            _: Request<HostReplicaRequest>,
+        ) -> Result<Response<HostReplicaReply>, Status> {
+            no()
+        }
+        async fn change_replicas(
+            &self,
+            _: Request<ChangeReplicasRequest>,
+        ) -> Result<Response<ChangeReplicasReply>, Status> {
+            no()
+        }
+        async fn retire(&self, _: Request<RetireRequest>) -> Result<Response<RetireReply>, Status> {
+            no()
+        }
+    }
+
+    async fn node(streams: bool) -> (String, Arc<AtomicU64>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let unary = Arc::new(AtomicU64::new(0));
+        let svc = NodeServer::new(Echo {
+            streams,
+            unary: unary.clone(),
+        });
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(svc)
+                .serve_with_incoming(TcpListenerStream::new(listener)),
+        );
+        (addr, unary)
+    }
+
+    async fn propose(c: &Cluster, addr: &str, body: &[u8]) -> Vec<u8> {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        match c.attempt(addr, 1, None, body, deadline).await {
+            Attempt::Done(b) => b,
+            _ => panic!("the proposal to {addr} failed"),
+        }
+    }
+
+    #[tokio::test]
+    async fn proposals_share_one_call_stream() {
+        let (addr, unary) = node(true).await;
+        let c = Cluster::new(vec![addr.clone()]);
+        for body in [&b"one"[..], b"two", b"three"] {
+            assert_eq!(propose(&c, &addr, body).await, body);
+        }
+        assert_eq!(unary.load(Ordering::SeqCst), 0);
+        let stream = c.inner.streams.lock().unwrap().get(&addr).cloned().unwrap();
+        assert!(stream.is_open());
+        assert_eq!(stream.waiting(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_node_without_call_streams_gets_unary_calls() {
+        let (addr, unary) = node(false).await;
+        let c = Cluster::new(vec![addr.clone()]);
+        // The first proposal finds out (and still succeeds, unary); the
+        // next go unary without trying the stream again.
+        for (i, body) in [&b"one"[..], b"two", b"three"].into_iter().enumerate() {
+            assert_eq!(propose(&c, &addr, body).await, body);
+            assert_eq!(unary.load(Ordering::SeqCst), i as u64 + 1);
+        }
+        let stream = c.inner.streams.lock().unwrap().get(&addr).cloned().unwrap();
+        assert!(!stream.is_open(), "no second stream was opened");
+    }
 }
