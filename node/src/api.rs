@@ -60,14 +60,18 @@ pub fn trace_span(req: &tonic::codegen::http::Request<()>) -> tracing::Span {
         .get(TRACE_HEADER)
         .and_then(|v| v.to_str().ok())
     {
-        Some(t) => {
-            let t: String = t.chars().take(64).collect();
-            let span = tracing::info_span!("rpc", trace = %t, path = %req.uri().path());
-            tracing::debug!(parent: &span, "request");
-            span
-        }
+        Some(t) => rpc_span(t, req.uri().path()),
         None => tracing::Span::none(),
     }
+}
+
+/// The span of one request with trace id `trace` (at most 64 characters
+/// of it) to `path`.
+fn rpc_span(trace: &str, path: &str) -> tracing::Span {
+    let t: String = trace.chars().take(64).collect();
+    let span = tracing::info_span!("rpc", trace = %t, path = %path);
+    tracing::debug!(parent: &span, "request");
+    span
 }
 
 /// Puts the leader's clock into a model command.
@@ -210,10 +214,7 @@ fn frame_span(trace: &str) -> tracing::Span {
     if trace.is_empty() {
         return tracing::Span::none();
     }
-    let t: String = trace.chars().take(64).collect();
-    let span = tracing::info_span!("rpc", trace = %t, path = "Calls");
-    tracing::debug!(parent: &span, "request");
-    span
+    rpc_span(trace, "/natter.cluster.Node/Calls")
 }
 
 #[tonic::async_trait]
