@@ -129,9 +129,10 @@ impl Follower {
     /// A `Success` to that request is a `Success` to `rpc`: the follower
     /// answers an append only after its log holds the entries durably and
     /// matches the leader's up to the last one, and `rpc` asks exactly that
-    /// of a prefix of the same range (entries of one leader and term are the
+    /// of a part of the same range (entries of one leader and term are the
     /// same entries wherever they are sent). It is the same fact a delayed
-    /// reply would bring. Only `rpc`'s commit index is not delivered, which
+    /// reply would bring, and in Raft a leader may act on a delayed reply of
+    /// its own term. Only `rpc`'s commit index is not delivered, which
     /// openraft sends again with the next commit's heartbeat.
     pub(crate) fn covering(
         &self,
