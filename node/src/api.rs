@@ -241,32 +241,17 @@ impl Node for NodeApi {
         &self,
         request: Request<Streaming<CallFrame>>,
     ) -> Result<Response<Self::CallsStream>, Status> {
-        let mut inbound = request.into_inner();
-        let (tx, rx) = tokio::sync::mpsc::channel(CALL_REPLY_QUEUE);
         let api = Arc::new(self.clone());
-        let in_flight = Arc::new(tokio::sync::Semaphore::new(MAX_CALLS_IN_FLIGHT));
-        tokio::spawn(async move {
-            // Ends when the caller closes the stream or it breaks (an
-            // undecodable or over-size frame, the connection lost): the
-            // caller sees the stream end and opens a new one.
-            while let Ok(Some(frame)) = inbound.message().await {
-                // At most so many calls of one stream at once: past that,
-                // frames wait in the connection (HTTP/2 flow control).
-                let Ok(permit) = in_flight.clone().acquire_owned().await else {
-                    break;
-                };
-                let (api, tx) = (api.clone(), tx.clone());
-                tokio::spawn(async move {
-                    let reply = api.call_frame(frame).await;
-                    // The caller may have gone meanwhile: nobody to tell.
-                    let _ = tx.send(Ok(reply)).await;
-                    drop(permit);
-                });
-            }
-        });
-        Ok(Response::new(Box::pin(
-            tokio_stream::wrappers::ReceiverStream::new(rx),
-        )))
+        let replies = natter_proto::mux::serve(
+            request.into_inner(),
+            CALL_REPLY_QUEUE,
+            Some(MAX_CALLS_IN_FLIGHT),
+            move |frame| {
+                let api = api.clone();
+                async move { api.call_frame(frame).await }
+            },
+        );
+        Ok(Response::new(Box::pin(replies)))
     }
 
     async fn status(

@@ -5,7 +5,7 @@
 //! headers and trailers; a frame on an open stream costs only its bytes.
 //! Nodes send Raft messages to each other this way (`RaftStream`), and
 //! routers their proposals and reads to nodes (`Calls`). [`Mux`] is the
-//! calling side; the serving side is a loop over the inbound frames.
+//! calling side, [`serve`] the serving side.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -143,6 +143,47 @@ impl<F: Frame, R: Reply> Mux<F, R> {
             Ok(Ok(r)) => r,
         }
     }
+}
+
+/// The serving side of a multiplexed stream: each inbound frame is
+/// answered by `handle` on a task of its own, replies queued (at most
+/// `queue`) in any order; at most `max_in_flight` frames are handled at
+/// once if given (past that, frames wait in HTTP/2 flow control). Serving
+/// ends when the caller closes the stream or it breaks (an undecodable or
+/// over-size frame, the connection lost): the caller sees the stream end
+/// and opens a new one. The outbound half of the reply stream.
+pub fn serve<F, R, H, Fut>(
+    mut inbound: Streaming<F>,
+    queue: usize,
+    max_in_flight: Option<usize>,
+    handle: H,
+) -> ReceiverStream<Result<R, Status>>
+where
+    F: Send + 'static,
+    R: Send + 'static,
+    H: Fn(F) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = R> + Send + 'static,
+{
+    let (tx, rx) = mpsc::channel(queue);
+    let limit = max_in_flight.map(|n| Arc::new(tokio::sync::Semaphore::new(n)));
+    tokio::spawn(async move {
+        while let Ok(Some(frame)) = inbound.message().await {
+            let permit = match &limit {
+                Some(l) => match l.clone().acquire_owned().await {
+                    Ok(p) => Some(p),
+                    Err(_) => break,
+                },
+                None => None,
+            };
+            let (reply, tx) = (handle(frame), tx.clone());
+            tokio::spawn(async move {
+                // The caller may have gone meanwhile: nobody to tell.
+                let _ = tx.send(Ok(reply.await)).await;
+                drop(permit);
+            });
+        }
+    });
+    ReceiverStream::new(rx)
 }
 
 /// The future of a stream's gRPC call (what a generated client's streaming

@@ -11,8 +11,6 @@ use futures::Stream;
 use natter_proto::cluster::raft_transport_server::RaftTransport;
 use natter_proto::cluster::{RaftFrame, RaftFrameReply, RaftKind, RaftReply, RaftRequest};
 use serde::{de::DeserializeOwned, Serialize};
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::RaftHost;
@@ -95,22 +93,16 @@ impl RaftTransport for TransportService {
         &self,
         request: Request<Streaming<RaftFrame>>,
     ) -> Result<Response<ReplyStream>, Status> {
-        let mut inbound = request.into_inner();
-        let (tx, rx) = mpsc::channel(STREAM_REPLY_QUEUE);
         let host = self.host.clone();
-        tokio::spawn(async move {
-            // Ends when the peer closes the stream or it breaks (an
-            // undecodable frame, over-size, connection lost): the peer sees
-            // the stream end and opens a new one.
-            while let Ok(Some(frame)) = inbound.message().await {
-                let (host, tx) = (host.clone(), tx.clone());
-                tokio::spawn(async move {
-                    let reply = handle_frame(&host, frame).await;
-                    // The peer may have gone meanwhile: nobody to tell.
-                    let _ = tx.send(Ok(reply)).await;
-                });
-            }
-        });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        let replies = natter_proto::mux::serve(
+            request.into_inner(),
+            STREAM_REPLY_QUEUE,
+            None,
+            move |frame| {
+                let host = host.clone();
+                async move { handle_frame(&host, frame).await }
+            },
+        );
+        Ok(Response::new(Box::pin(replies)))
     }
 }
