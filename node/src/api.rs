@@ -276,6 +276,7 @@ impl Node for NodeApi {
                 learners: g.learners,
                 eager_appends: g.eager_appends,
                 eager_answered: g.eager_answered,
+                notices_spared: g.notices_spared,
             })
             .collect();
         let (wal_fsyncs, wal_appends, _) = self.host.sync_stats();

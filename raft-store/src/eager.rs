@@ -29,10 +29,29 @@
 //! conflict, a higher vote, no answer) and openraft's request goes as usual.
 //! openraft still counts the leader toward a commit only after its own fsync.
 //! Two things differ from a sent request: the commit index it would have
-//! carried reaches the follower with the next heartbeat (openraft sends one
-//! after every commit), and the follower's acknowledgement is dated when
-//! openraft built its request rather than a little earlier (openraft 0.9
-//! uses that time only for its `millis_since_quorum_ack` metric).
+//! carried reaches the follower later (below), and the follower's
+//! acknowledgement is dated when openraft built its request rather than a
+//! little earlier (openraft 0.9 uses that time only for its
+//! `millis_since_quorum_ack` metric).
+//!
+//! Commit notices. After every commit, openraft 0.9 sends each caught-up
+//! follower an empty append carrying nothing but the new commit index (and
+//! the same empty append as its periodic heartbeat): at low load that was a
+//! second round trip per entry and follower, and a follower core wake-up and
+//! RocksDB write (its `save_committed`) each. Eager requests now carry the
+//! leader's commit index, and an empty append on a replication connection is
+//! answered `Success` here, without sending it, when the follower's last
+//! eager request covers its previous entry, was answered `Success` and went
+//! less than [`NOTICE_RECENT`] ago (`Follower::spares`): that answer already
+//! says the follower holds and matches the leader's log up to that entry,
+//! which is all a `Success` to an empty append says. Its commit index then
+//! reaches the follower with the next eager request, or, if none carried it
+//! within [`NOTICE_DELAY`], by itself (the same empty append, sent then).
+//! Raft lets a follower learn the commit index late; it only applies later.
+//! openraft's leadership check for linearizable reads also sends empty
+//! appends, but each on a connection of its own that never carries entries
+//! (openraft 0.9 creates one per round): those always go, so a read is never
+//! confirmed by an old answer.
 //!
 //! It is a low-load optimisation. Under load a round is bound by CPU, not
 //! by fsync latency, and a second copy of a batch only costs: sending every
@@ -53,7 +72,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use natter_proto::cluster::{RaftKind, RaftRequest};
 use openraft::error::RaftError;
@@ -75,6 +94,15 @@ const EAGER_TTL: Duration = Duration::from_secs(1);
 /// long before the next one: not one connection attempt per append.
 const EAGER_BACKOFF: Duration = Duration::from_secs(1);
 
+/// How long after an eager request an empty append to that follower may be
+/// answered by the request's answer (well under the heartbeat period and the
+/// election timeout: past it, openraft's heartbeats go as sent).
+pub const NOTICE_RECENT: Duration = Duration::from_millis(100);
+
+/// How long a commit notice answered here waits for an eager request to
+/// carry its commit index before it is sent by itself.
+pub const NOTICE_DELAY: Duration = Duration::from_millis(5);
+
 type ServerMetrics = RaftServerMetrics<NodeId, openraft::BasicNode>;
 
 /// One group's eager sender, owned by its log store.
@@ -93,6 +121,10 @@ pub(crate) struct Eager {
     sent: AtomicU64,
     /// openraft requests answered by an eager request's answer, since start.
     answered: AtomicU64,
+    /// The commit index this node last saved (as leader: the group's).
+    committed: Mutex<Option<LogId>>,
+    /// Empty appends (commit notices, heartbeats) answered here, since start.
+    spared: AtomicU64,
 }
 
 /// One follower's pipeline, as seen from the leader.
@@ -106,6 +138,20 @@ pub(crate) struct Follower {
     /// The last eager request sent to it, whose answer may stand in for
     /// openraft's own request for the same entries.
     sent: Mutex<Option<Sent>>,
+    /// Commit notices answered here and not yet delivered.
+    notices: Mutex<Notices>,
+}
+
+/// A follower's commit notices (see the module's doc).
+#[derive(Default)]
+struct Notices {
+    /// The newest one answered here, to send if nothing carries its commit.
+    pending: Option<AppendEntriesRequest<TypeConfig>>,
+    /// A task will send `pending` (or find its commit carried).
+    scheduled: bool,
+    /// The highest commit index sent to the follower, by an eager request
+    /// or a notice.
+    carried: Option<LogId>,
 }
 
 /// An eager request: what it asked the follower to hold, and its answer.
@@ -116,9 +162,19 @@ struct Sent {
     leader: CommittedLeaderId<NodeId>,
     first: u64,
     last: u64,
+    /// When it was sent.
+    at: Instant,
     /// `Some(true)` once the follower answered `Success`, `Some(false)` on
     /// any other answer or none.
     answer: watch::Receiver<Option<bool>>,
+}
+
+impl Sent {
+    /// Whether `id` is among the ids this request checked or wrote.
+    fn holds(&self, id: LogId) -> bool {
+        id == self.prev
+            || (id.leader_id == self.leader && (self.first..=self.last).contains(&id.index))
+    }
 }
 
 impl Follower {
@@ -145,11 +201,74 @@ impl Follower {
         let sent = self.sent.lock().ok()?;
         let s = sent.as_ref()?;
         let inside = |id: LogId| id.leader_id == s.leader && (s.first..=s.last).contains(&id.index);
-        let covered = rpc.vote == s.vote
-            && (prev == s.prev || inside(prev))
-            && inside(last)
-            && last.index > prev.index;
+        let covered =
+            rpc.vote == s.vote && s.holds(prev) && inside(last) && last.index > prev.index;
         covered.then(|| s.answer.clone())
+    }
+
+    /// Whether the empty append `rpc` may be answered `Success` without
+    /// sending it: the last eager request to this follower, sent less than
+    /// [`NOTICE_RECENT`] before `now` in the same vote, checked or wrote
+    /// `rpc`'s previous entry and was answered `Success`. That answer says
+    /// the follower durably holds and matches the leader's log up to that
+    /// entry, which is what a `Success` to `rpc` would say.
+    pub(crate) fn spares(&self, rpc: &AppendEntriesRequest<TypeConfig>, now: Instant) -> bool {
+        let Some(prev) = rpc.prev_log_id.filter(|_| rpc.entries.is_empty()) else {
+            return false;
+        };
+        let Ok(sent) = self.sent.lock() else {
+            return false;
+        };
+        sent.as_ref().is_some_and(|s| {
+            rpc.vote == s.vote
+                && s.holds(prev)
+                && now.saturating_duration_since(s.at) < NOTICE_RECENT
+                && *s.answer.borrow() == Some(true)
+        })
+    }
+
+    /// Keeps `rpc` (answered here) to deliver its commit index later; true
+    /// if the caller is to schedule the delivery ([`Follower::due`] after
+    /// [`NOTICE_DELAY`]), false if one is already scheduled.
+    pub(crate) fn defer(&self, rpc: AppendEntriesRequest<TypeConfig>) -> bool {
+        let Ok(mut n) = self.notices.lock() else {
+            return false;
+        };
+        if n.pending
+            .as_ref()
+            .is_none_or(|p| p.leader_commit <= rpc.leader_commit)
+        {
+            n.pending = Some(rpc);
+        }
+        !std::mem::replace(&mut n.scheduled, true)
+    }
+
+    /// The deferred notice to send now, unless what it carries reached the
+    /// follower meanwhile (counted as carried from here on).
+    pub(crate) fn due(&self) -> Option<AppendEntriesRequest<TypeConfig>> {
+        let mut n = self.notices.lock().ok()?;
+        n.scheduled = false;
+        let rpc = n.pending.take()?;
+        if rpc.leader_commit <= n.carried {
+            return None;
+        }
+        n.carried = rpc.leader_commit;
+        Some(rpc)
+    }
+
+    /// Records that `commit` went to the follower (in an eager request).
+    fn carry(&self, commit: Option<LogId>) {
+        if let Ok(mut n) = self.notices.lock() {
+            n.carried = n.carried.max(commit);
+        }
+    }
+
+    /// A notice sent by itself was not answered `Success`: no empty append
+    /// is answered here until the next eager request is.
+    pub(crate) fn doubt(&self) {
+        if let Ok(mut sent) = self.sent.lock() {
+            *sent = None;
+        }
     }
 }
 
@@ -186,7 +305,30 @@ impl Eager {
             followers: Mutex::new(HashMap::new()),
             sent: AtomicU64::new(0),
             answered: AtomicU64::new(0),
+            committed: Mutex::new(None),
+            spared: AtomicU64::new(0),
         }
+    }
+
+    /// Records the commit index this node saved.
+    pub(crate) fn set_committed(&self, committed: Option<LogId>) {
+        if let Ok(mut c) = self.committed.lock() {
+            *c = committed;
+        }
+    }
+
+    fn committed(&self) -> Option<LogId> {
+        self.committed.lock().ok().and_then(|c| *c)
+    }
+
+    /// Empty appends answered here instead of sent, since start.
+    pub(crate) fn spared(&self) -> u64 {
+        self.spared.load(Ordering::Relaxed)
+    }
+
+    /// Counts one empty append answered here.
+    pub(crate) fn count_spared(&self) {
+        self.spared.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Eager requests sent since start (one per follower and batch).
@@ -293,11 +435,14 @@ impl Eager {
         let vote = Vote::new_committed(first.log_id.leader_id.term, self.me);
         let (leader, first_index) = (first.log_id.leader_id, first.log_id.index);
         let last_index = entries.last().map_or(first_index, |e| e.log_id.index);
+        // The commit index rides along (a follower takes at most the last
+        // entry it accepted from this leader): see "Commit notices" above.
+        let leader_commit = self.committed();
         let req: AppendEntriesRequest<TypeConfig> = AppendEntriesRequest {
             vote,
             prev_log_id: Some(prev_log_id),
             entries,
-            leader_commit: None,
+            leader_commit,
         };
         let payload = match bincode::serialize(&req) {
             Ok(p) => p,
@@ -322,9 +467,11 @@ impl Eager {
                     leader,
                     first: first_index,
                     last: last_index,
+                    at: Instant::now(),
                     answer: answered,
                 });
             }
+            claim.follower.carry(leader_commit);
             self.sent.fetch_add(1, Ordering::Relaxed);
             // The answer frees the follower for the next eager request, and
             // answers openraft's own request for these entries if that
@@ -379,6 +526,7 @@ mod tests {
             leader: CommittedLeaderId::new(3, 1),
             first: 11,
             last: 14,
+            at: Instant::now(),
             answer: rx,
         });
         (f, tx)
@@ -429,6 +577,67 @@ mod tests {
         assert!(!covers(&rpc(v, id(2, 2, 10), &[])));
         // Entries of the same indexes written by another leader.
         assert!(!covers(&rpc(v, id(2, 2, 10), &[id(3, 2, 11)])));
+    }
+
+    fn empty(vote: Vote<NodeId>, prev: LogId, commit: LogId) -> AppendEntriesRequest<TypeConfig> {
+        AppendEntriesRequest {
+            vote,
+            prev_log_id: Some(prev),
+            entries: Vec::new(),
+            leader_commit: Some(commit),
+        }
+    }
+
+    #[test]
+    fn only_a_recent_eager_success_spares_an_empty_append() {
+        let (f, tx) = follower();
+        let v = Vote::new_committed(3, 1);
+        let now = Instant::now();
+        let notice = empty(v, id(3, 1, 14), id(3, 1, 14));
+        // No answer yet, then a failure: sent.
+        assert!(!f.spares(&notice, now));
+        tx.send(Some(false)).unwrap();
+        assert!(!f.spares(&notice, now));
+        tx.send(Some(true)).unwrap();
+        // Its previous entry checked or written by the answered request.
+        assert!(f.spares(&notice, now));
+        assert!(f.spares(&empty(v, id(2, 2, 10), id(2, 2, 10)), now));
+        assert!(f.spares(&empty(v, id(3, 1, 12), id(3, 1, 12)), now));
+        // Beyond what the follower confirmed, another term's entry,
+        // another vote, too long after the request, or carrying entries.
+        assert!(!f.spares(&empty(v, id(3, 1, 15), id(3, 1, 14)), now));
+        assert!(!f.spares(&empty(v, id(2, 2, 11), id(2, 2, 10)), now));
+        assert!(!f.spares(
+            &empty(Vote::new_committed(4, 1), id(3, 1, 14), id(3, 1, 14)),
+            now
+        ));
+        assert!(!f.spares(&notice, now + NOTICE_RECENT));
+        assert!(!f.spares(&rpc(v, id(3, 1, 12), &[id(3, 1, 13)]), now));
+        // Once a notice sent by itself failed, nothing is spared.
+        f.doubt();
+        assert!(!f.spares(&notice, now));
+    }
+
+    #[test]
+    fn a_deferred_notice_goes_unless_its_commit_was_carried() {
+        let (f, _tx) = follower();
+        let v = Vote::new_committed(3, 1);
+        // The first deferral schedules a delivery, the next ones join it;
+        // the newest commit index is the one delivered.
+        assert!(f.defer(empty(v, id(3, 1, 14), id(3, 1, 12))));
+        assert!(!f.defer(empty(v, id(3, 1, 14), id(3, 1, 13))));
+        assert_eq!(f.due().map(|r| r.leader_commit), Some(Some(id(3, 1, 13))));
+        // Delivered: not again; a later one schedules a new delivery.
+        assert!(f.due().is_none());
+        assert!(f.defer(empty(v, id(3, 1, 14), id(3, 1, 13))));
+        assert!(f.due().is_none(), "its commit index was delivered already");
+        // An eager request carried a newer commit index meanwhile.
+        assert!(f.defer(empty(v, id(3, 1, 14), id(3, 1, 14))));
+        f.carry(Some(id(3, 1, 14)));
+        assert!(f.due().is_none());
+        // One newer than the carried one still goes.
+        assert!(f.defer(empty(v, id(3, 1, 14), id(4, 1, 15))));
+        assert!(f.due().is_some());
     }
 
     #[tokio::test]

@@ -113,6 +113,9 @@ pub struct GroupStatus {
     pub eager_appends: u64,
     /// openraft append requests an eager request's answer stood in for.
     pub eager_answered: u64,
+    /// Empty appends answered by a recent eager answer instead of sent.
+    #[serde(default)]
+    pub notices_spared: u64,
 }
 
 #[derive(Clone)]
@@ -646,14 +649,14 @@ impl RaftHost {
 
     /// This node's view of every group it hosts.
     pub fn status(&self) -> Vec<GroupStatus> {
-        let groups: Vec<(u32, Raft, (u64, u64))> = match self.groups.read() {
+        let groups: Vec<(u32, Raft, (u64, u64, u64))> = match self.groups.read() {
             Ok(g) => g
                 .iter()
                 .map(|(id, g)| {
                     let eager = g
                         .eager
                         .as_ref()
-                        .map_or((0, 0), |e| (e.sent(), e.answered()));
+                        .map_or((0, 0, 0), |e| (e.sent(), e.answered(), e.spared()));
                     (*id, g.raft.clone(), eager)
                 })
                 .collect(),
@@ -661,55 +664,58 @@ impl RaftHost {
         };
         let mut out: Vec<GroupStatus> = groups
             .into_iter()
-            .map(|(group, raft, (eager_appends, eager_answered))| {
-                let m = raft.metrics().borrow().clone();
-                let membership = m.membership_config.membership();
-                let applied_index = m.last_applied.map(|l| l.index).unwrap_or(0);
-                let committed_index = match &m.replication {
-                    Some(r) if m.state == ServerState::Leader => {
-                        let mut held: Vec<u64> = membership
-                            .voter_ids()
-                            .map(|v| {
-                                if v == m.id {
-                                    m.last_log_index.unwrap_or(0)
-                                } else {
-                                    r.get(&v).cloned().flatten().map(|l| l.index).unwrap_or(0)
-                                }
+            .map(
+                |(group, raft, (eager_appends, eager_answered, notices_spared))| {
+                    let m = raft.metrics().borrow().clone();
+                    let membership = m.membership_config.membership();
+                    let applied_index = m.last_applied.map(|l| l.index).unwrap_or(0);
+                    let committed_index = match &m.replication {
+                        Some(r) if m.state == ServerState::Leader => {
+                            let mut held: Vec<u64> = membership
+                                .voter_ids()
+                                .map(|v| {
+                                    if v == m.id {
+                                        m.last_log_index.unwrap_or(0)
+                                    } else {
+                                        r.get(&v).cloned().flatten().map(|l| l.index).unwrap_or(0)
+                                    }
+                                })
+                                .collect();
+                            held.sort_unstable_by(|a, b| b.cmp(a));
+                            held.get(held.len() / 2)
+                                .copied()
+                                .unwrap_or(0)
+                                .max(applied_index)
+                        }
+                        _ => applied_index,
+                    };
+                    GroupStatus {
+                        committed_index,
+                        group,
+                        state: format!("{:?}", m.state),
+                        term: m.current_term,
+                        leader: m.current_leader,
+                        last_log_index: m.last_log_index.unwrap_or(0),
+                        applied_index,
+                        snapshot_index: m.snapshot.map(|l| l.index).unwrap_or(0),
+                        purged_index: m.purged.map(|l| l.index).unwrap_or(0),
+                        voters: membership.voter_ids().collect(),
+                        learners: membership.learner_ids().collect(),
+                        matched: m
+                            .replication
+                            .as_ref()
+                            .map(|r| {
+                                r.iter()
+                                    .map(|(id, l)| (*id, l.map(|l| l.index).unwrap_or(0)))
+                                    .collect()
                             })
-                            .collect();
-                        held.sort_unstable_by(|a, b| b.cmp(a));
-                        held.get(held.len() / 2)
-                            .copied()
-                            .unwrap_or(0)
-                            .max(applied_index)
+                            .unwrap_or_default(),
+                        eager_appends,
+                        eager_answered,
+                        notices_spared,
                     }
-                    _ => applied_index,
-                };
-                GroupStatus {
-                    committed_index,
-                    group,
-                    state: format!("{:?}", m.state),
-                    term: m.current_term,
-                    leader: m.current_leader,
-                    last_log_index: m.last_log_index.unwrap_or(0),
-                    applied_index,
-                    snapshot_index: m.snapshot.map(|l| l.index).unwrap_or(0),
-                    purged_index: m.purged.map(|l| l.index).unwrap_or(0),
-                    voters: membership.voter_ids().collect(),
-                    learners: membership.learner_ids().collect(),
-                    matched: m
-                        .replication
-                        .as_ref()
-                        .map(|r| {
-                            r.iter()
-                                .map(|(id, l)| (*id, l.map(|l| l.index).unwrap_or(0)))
-                                .collect()
-                        })
-                        .unwrap_or_default(),
-                    eager_appends,
-                    eager_answered,
-                }
-            })
+                },
+            )
             .collect();
         out.sort_by_key(|g| g.group);
         out

@@ -222,6 +222,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageError> {
         // Not synced by itself: it rides the next append's or vote's fsync.
         // Losing it only makes a restarted node re-learn it from the leader.
+        if let Some(eager) = &self.eager {
+            // A leader's eager requests carry it to the followers.
+            eager.set_committed(committed);
+        }
         self.put_meta(TAG_COMMITTED, &committed, false)
             .map_err(|e| e.into_raft_write())
     }

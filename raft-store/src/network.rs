@@ -202,6 +202,7 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
             target,
             link: self.peers.link(&node.addr),
             eager: self.eager.as_ref().map(|e| (e.clone(), e.follower(target))),
+            replicates: false,
         }
     }
 }
@@ -215,6 +216,10 @@ pub struct Conn {
     /// The group's eager sender and the peer's pipeline state, where this
     /// connection counts its unanswered appends (for eager replication).
     eager: Option<(Arc<crate::eager::Eager>, Arc<Follower>)>,
+    /// Whether this connection has carried entries: it is a replication
+    /// stream's, not one openraft 0.9 opens for a single leadership check
+    /// (whose empty appends must always reach the peer).
+    replicates: bool,
 }
 
 /// Counts an append as unanswered for as long as it lives.
@@ -242,6 +247,55 @@ impl Drop for Pending {
 struct Msg(String);
 
 impl Conn {
+    /// Answers an empty append on a replication connection here when the
+    /// follower's last eager answer already says what its answer would
+    /// (`Follower::spares`), and sees that its commit index reaches the
+    /// follower within [`crate::eager::NOTICE_DELAY`]: with the next eager
+    /// request, or sent by itself then.
+    fn spare(&self, rpc: &AppendEntriesRequest<TypeConfig>) -> bool {
+        let (Some((sender, follower)), true, Ok(link)) = (&self.eager, self.replicates, &self.link)
+        else {
+            return false;
+        };
+        if !follower.spares(rpc, Instant::now()) {
+            return false;
+        }
+        sender.count_spared();
+        if follower.defer(rpc.clone()) {
+            let (follower, link, group, from) =
+                (follower.clone(), link.clone(), self.group, self.from);
+            tokio::spawn(async move {
+                tokio::time::sleep(crate::eager::NOTICE_DELAY).await;
+                let Some(notice) = follower.due() else {
+                    return;
+                };
+                let Ok(payload) = bincode::serialize(&notice) else {
+                    follower.doubt();
+                    return;
+                };
+                let request = RaftRequest {
+                    group,
+                    kind: RaftKind::AppendEntries as i32,
+                    payload,
+                    from,
+                };
+                let answered = link.send(request, crate::eager::NOTICE_RECENT).await;
+                let success = answered.is_ok_and(|raw| {
+                    matches!(
+                        bincode::deserialize::<
+                            Result<AppendEntriesResponse<NodeId>, RaftError<NodeId>>,
+                        >(&raw),
+                        Ok(Ok(AppendEntriesResponse::Success))
+                    )
+                });
+                if !success {
+                    follower.doubt();
+                }
+            });
+        }
+        true
+    }
+
     async fn call<Req, Resp, E>(
         &mut self,
         kind: RaftKind,
@@ -284,6 +338,13 @@ impl RaftNetwork<TypeConfig> for Conn {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
+        if rpc.entries.is_empty() {
+            if self.spare(&rpc) {
+                return Ok(AppendEntriesResponse::Success);
+            }
+        } else {
+            self.replicates = true;
+        }
         // Heartbeats and commit updates (no entries) cost a follower no
         // fsync: only appends with entries make its pipeline busy.
         let eager = self.eager.as_ref().filter(|_| !rpc.entries.is_empty());

@@ -295,6 +295,27 @@ async fn status_json_and_metrics_scrape_reflect_the_cluster_and_move_with_writes
         answered_eagerly,
         "no eager answer stood in for openraft's request in three sends"
     );
+    // The commit notice openraft sends after such a commit was answered by
+    // that eager answer instead of sent, and its commit index still reached
+    // both followers (with a later request or by itself): they apply up to
+    // what the leader applied.
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let g = shard_of(c.status(leader).await.unwrap()).unwrap();
+        let mut applied = g.notices_spared > before.notices_spared;
+        for v in g.voters.iter().filter(|v| **v != leader) {
+            let held = shard_of(c.status(*v).await.unwrap()).map(|f| f.applied_index);
+            applied &= held >= Some(g.applied_index);
+        }
+        if applied {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no commit notice spared, or the followers never applied what the leader did: {g:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     // Human status has the summary line.
     let (code, text, _) = admin_status_healthy(&node1, &[]);
     assert_eq!(code, 0, "{text}");

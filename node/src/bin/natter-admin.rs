@@ -103,6 +103,9 @@ struct ShardRow {
     eager_appends: u64,
     /// The leader's own appends that an eager request's answer stood in for.
     eager_answered: u64,
+    /// Empty appends (commit notices, heartbeats) a recent eager answer
+    /// answered instead.
+    notices_spared: u64,
 }
 
 #[derive(Serialize)]
@@ -166,7 +169,7 @@ async fn status(node: &str) -> Result<Report> {
         let mut term = 0;
         let mut committed = 0;
         let mut learners = Vec::new();
-        let (mut eager_appends, mut eager_answered) = (0, 0);
+        let (mut eager_appends, mut eager_answered, mut notices_spared) = (0, 0, 0);
         for (id, s) in &statuses {
             let Some(g) = s.groups.iter().find(|g| g.group == p.shard) else {
                 continue;
@@ -183,6 +186,7 @@ async fn status(node: &str) -> Result<Report> {
                 learners = g.learners.clone();
                 eager_appends = g.eager_appends;
                 eager_answered = g.eager_answered;
+                notices_spared = g.notices_spared;
             }
         }
         if let Some(n) = leader.and_then(|l| nodes.iter_mut().find(|n| n.id == l)) {
@@ -205,6 +209,7 @@ async fn status(node: &str) -> Result<Report> {
             lag,
             eager_appends,
             eager_answered,
+            notices_spared,
         });
     }
     let up = nodes.iter().filter(|n| n.up).count();
