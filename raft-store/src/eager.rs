@@ -478,16 +478,7 @@ impl Eager {
             // comes (see `Follower::covering`).
             tokio::spawn(async move {
                 let reply = peers.call_streamed(&claim.addr, request, EAGER_TTL).await;
-                let success = match &reply {
-                    Ok(raw) => matches!(
-                        bincode::deserialize::<
-                            Result<AppendEntriesResponse<NodeId>, RaftError<NodeId>>,
-                        >(raw),
-                        Ok(Ok(AppendEntriesResponse::Success))
-                    ),
-                    Err(_) => false,
-                };
-                let _ = answer.send(Some(success));
+                let _ = answer.send(Some(is_success(&reply)));
                 if reply.is_err() {
                     tokio::time::sleep(EAGER_BACKOFF).await;
                 }
@@ -496,6 +487,16 @@ impl Eager {
         }
         req.entries
     }
+}
+
+/// Whether a peer's reply to an append request is `Success`.
+pub(crate) fn is_success<E>(reply: &Result<Vec<u8>, E>) -> bool {
+    reply.as_ref().is_ok_and(|raw| {
+        matches!(
+            bincode::deserialize::<Result<AppendEntriesResponse<NodeId>, RaftError<NodeId>>>(raw),
+            Ok(Ok(AppendEntriesResponse::Success))
+        )
+    })
 }
 
 /// An entry's encoded size, roughly (for the size limit).

@@ -280,15 +280,7 @@ impl Conn {
                     from,
                 };
                 let answered = link.send(request, crate::eager::NOTICE_RECENT).await;
-                let success = answered.is_ok_and(|raw| {
-                    matches!(
-                        bincode::deserialize::<
-                            Result<AppendEntriesResponse<NodeId>, RaftError<NodeId>>,
-                        >(&raw),
-                        Ok(Ok(AppendEntriesResponse::Success))
-                    )
-                });
-                if !success {
+                if !crate::eager::is_success(&answered) {
                     follower.doubt();
                 }
             });
