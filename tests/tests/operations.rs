@@ -7,7 +7,7 @@
 
 use std::time::{Duration, Instant};
 
-use natter_proto::cluster::StatusReply;
+use natter_proto::cluster::{GroupStatus, StatusReply};
 use natter_tests::ops::{
     admin, admin_status_healthy, check_acked, conversation_per_shard, http_get, metrics_args,
     natter, opts, sample, Load,
@@ -15,6 +15,31 @@ use natter_tests::ops::{
 use natter_tests::{Cluster, ClusterOpts};
 
 const WAIT: Duration = Duration::from_secs(180);
+
+/// Polls `shard`'s `leader` and its followers until `holds(leader's status,
+/// follower's status)` for every follower; fails with `what` after [`WAIT`].
+async fn wait_for_followers(
+    c: &Cluster,
+    shard: u32,
+    leader: u64,
+    what: &str,
+    holds: impl Fn(&GroupStatus, &GroupStatus) -> bool,
+) {
+    let shard_of = |st: StatusReply| st.groups.into_iter().find(|g| g.group == shard);
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let g = shard_of(c.status(leader).await.unwrap()).unwrap();
+        let mut all = true;
+        for v in g.voters.iter().filter(|v| **v != leader) {
+            all &= shard_of(c.status(*v).await.unwrap()).is_some_and(|f| holds(&g, &f));
+        }
+        if all {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{what}: {g:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
 
 fn timing_args() -> Vec<String> {
     ClusterOpts::default().node_args
@@ -253,23 +278,10 @@ async fn status_json_and_metrics_scrape_reflect_the_cluster_and_move_with_writes
     let before = shard_of(c.status(leader).await.unwrap()).unwrap();
     let (mut sent_eagerly, mut answered_eagerly) = (false, false);
     for i in 0..3 {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            let g = shard_of(c.status(leader).await.unwrap()).unwrap();
-            let mut idle = true;
-            for v in g.voters.iter().filter(|v| **v != leader) {
-                let held = shard_of(c.status(*v).await.unwrap()).map(|f| f.last_log_index);
-                idle &= held >= Some(g.last_log_index);
-            }
-            if idle {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "followers never caught up: {g:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        wait_for_followers(&c, shard, leader, "followers never caught up", |g, f| {
+            f.last_log_index >= g.last_log_index
+        })
+        .await;
         n.exec(natter_tests::natter::Natter::send_op(
             &conv,
             natter_tests::ops::ALICE,
@@ -299,23 +311,14 @@ async fn status_json_and_metrics_scrape_reflect_the_cluster_and_move_with_writes
     // that eager answer instead of sent, and its commit index still reached
     // both followers (with a later request or by itself): they apply up to
     // what the leader applied.
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let g = shard_of(c.status(leader).await.unwrap()).unwrap();
-        let mut applied = g.notices_spared > before.notices_spared;
-        for v in g.voters.iter().filter(|v| **v != leader) {
-            let held = shard_of(c.status(*v).await.unwrap()).map(|f| f.applied_index);
-            applied &= held >= Some(g.applied_index);
-        }
-        if applied {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no commit notice spared, or the followers never applied what the leader did: {g:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_for_followers(
+        &c,
+        shard,
+        leader,
+        "no commit notice spared, or the followers never applied what the leader did",
+        |g, f| g.notices_spared > before.notices_spared && f.applied_index >= g.applied_index,
+    )
+    .await;
     // Human status has the summary line.
     let (code, text, _) = admin_status_healthy(&node1, &[]);
     assert_eq!(code, 0, "{text}");
