@@ -16,6 +16,11 @@ use natter_tests::{Cluster, ClusterOpts};
 
 const WAIT: Duration = Duration::from_secs(180);
 
+/// `shard`'s group in a node's status.
+fn group_of(st: StatusReply, shard: u32) -> Option<GroupStatus> {
+    st.groups.into_iter().find(|g| g.group == shard)
+}
+
 /// Polls `shard`'s `leader` and its followers until `holds(leader's status,
 /// follower's status)` for every follower; fails with `what` after [`WAIT`].
 async fn wait_for_followers(
@@ -25,13 +30,12 @@ async fn wait_for_followers(
     what: &str,
     holds: impl Fn(&GroupStatus, &GroupStatus) -> bool,
 ) {
-    let shard_of = |st: StatusReply| st.groups.into_iter().find(|g| g.group == shard);
     let deadline = Instant::now() + WAIT;
     loop {
-        let g = shard_of(c.status(leader).await.unwrap()).unwrap();
+        let g = group_of(c.status(leader).await.unwrap(), shard).unwrap();
         let mut all = true;
         for v in g.voters.iter().filter(|v| **v != leader) {
-            all &= shard_of(c.status(*v).await.unwrap()).is_some_and(|f| holds(&g, &f));
+            all &= group_of(c.status(*v).await.unwrap(), shard).is_some_and(|f| holds(&g, &f));
         }
         if all {
             return;
@@ -273,7 +277,7 @@ async fn status_json_and_metrics_scrape_reflect_the_cluster_and_move_with_writes
     // pipelines idle), the leader sends its next entry to them during its
     // own fsync, not after it. Three tries, as a follower's answer can still
     // be on its way when its status already shows the entry.
-    let shard_of = |st: StatusReply| st.groups.into_iter().find(|g| g.group == shard);
+    let shard_of = |st: StatusReply| group_of(st, shard);
     let leader = shard_of(c.status(id).await.unwrap()).unwrap().leader_id;
     let before = shard_of(c.status(leader).await.unwrap()).unwrap();
     let (mut sent_eagerly, mut answered_eagerly) = (false, false);
