@@ -12,7 +12,8 @@
 //! A loop wakes when its shard applies something new, or when acks are
 //! due. Woken by a change it waits `FANOUT_GATHER` (5 ms) so the sends of
 //! that moment share one `ApplyFeedUpdates` per target shard, and it starts
-//! rounds at most once per `FANOUT_SPACING` (20 ms): a lone send's feeds
+//! rounds that fan out at most once per `FANOUT_SPACING` (20 ms; a round
+//! that only acks or finds nothing doesn't count): a lone send's feeds
 //! follow it 5 ms later, a busy stream's up to 20 ms later. Fewer, larger
 //! fan-out entries cost less than prompt ones:
 //! - delivering to targets in parallel instead of one after another made
@@ -109,10 +110,17 @@ impl ShardWorker {
                 return;
             }
             if self.host.is_leader(self.shard) {
-                last_round = Some(Instant::now());
-                if let Err(e) = self.round().await {
-                    tracing::debug!(shard = self.shard, "leader round: {e:#}");
-                    tokio::time::sleep(Duration::from_millis(200)).await;
+                let started = Instant::now();
+                match self.round().await {
+                    // Only rounds that fanned something out space the next:
+                    // an ack's own apply wakes the loop too, and must not
+                    // hold back the next lone send's feeds.
+                    Ok(true) => last_round = Some(started),
+                    Ok(false) => {}
+                    Err(e) => {
+                        tracing::debug!(shard = self.shard, "leader round: {e:#}");
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
                 }
             } else {
                 // Whoever leads now redelivers what was not acked.
@@ -159,8 +167,9 @@ impl ShardWorker {
         decode_response(&out)
     }
 
-    async fn round(&mut self) -> Result<()> {
-        self.deliver().await?;
+    /// One round; true when it proposed fan-out.
+    async fn round(&mut self) -> Result<bool> {
+        let fanned_out = self.deliver().await?;
         if self.acks.len() >= ACK_BATCH || self.acks_since.is_some_and(|t| t.elapsed() >= ACK_DELAY)
         {
             self.flush_acks().await?;
@@ -175,7 +184,7 @@ impl ShardWorker {
                     .await?;
             }
         }
-        Ok(())
+        Ok(fanned_out)
     }
 
     async fn flush_acks(&mut self) -> Result<()> {
@@ -197,8 +206,10 @@ impl ShardWorker {
         Ok(())
     }
 
-    /// Proposes every pending update not yet delivered at its version.
-    async fn deliver(&mut self) -> Result<()> {
+    /// Proposes every pending update not yet delivered at its version;
+    /// true when there was any.
+    async fn deliver(&mut self) -> Result<bool> {
+        let mut any = false;
         let mut after = Vec::new();
         let mut shard_count = None;
         loop {
@@ -225,9 +236,10 @@ impl ShardWorker {
                     None => *shard_count.insert(self.remote.shard_map().await?.shard_count),
                 };
                 self.deliver_batch(&fresh, count).await;
+                any = true;
             }
             if !batch.has_more {
-                return Ok(());
+                return Ok(any);
             }
             after = batch.next_after;
         }
