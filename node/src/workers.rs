@@ -56,7 +56,7 @@ const ACK_DELAY: Duration = Duration::from_millis(200);
 const ACK_BATCH: usize = 512;
 /// How long a woken loop waits for more changes before delivering.
 const FANOUT_GATHER: Duration = Duration::from_millis(5);
-/// Shortest time between the starts of two rounds.
+/// Shortest time between the starts of two rounds that fan out.
 const FANOUT_SPACING: Duration = Duration::from_millis(50);
 /// Longest sleep when nothing happens.
 const IDLE_WAKE: Duration = Duration::from_secs(1);
