@@ -224,10 +224,10 @@ async fn limits_answer_rate_limited_with_a_retry_after_and_normal_use_never_meet
         .map(|i| send(&conv, &format!("c{i}"), &format!("msg {i}")))
         .collect();
     // Dave's device learns this new direct conversation from the feed row
-    // its first message brings (up to the fan-out's gather later); a device
-    // that learns a conversation late gets its newest page pushed and pages
-    // older history itself. Counting every message by push needs the device
-    // to hold the conversation before the burst.
+    // its first message brings (5 to 50 ms later: the fan-out's gather and
+    // spacing); a device that learns a conversation late gets its newest
+    // page pushed and pages older history itself. Counting every message by
+    // push needs the device to hold the conversation before the burst.
     let (first, rest) = frames.split_at(1);
     for r in a.burst("send", first.to_vec()).await.unwrap() {
         assert!(r.get("ok").is_some(), "{r}");
