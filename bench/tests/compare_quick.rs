@@ -41,7 +41,7 @@ fn quick_compare_produces_every_row_and_figure() {
         .expect("valid JSON");
     let md = std::fs::read_to_string(md).expect("read md");
 
-    let mut systems = vec!["natter-ws", "natter-grpc"];
+    let mut systems = vec!["natter-ws", "natter-grpc", "natter-ws-live"];
     if !no_peers {
         systems.extend(["etcd", "nats-always", "nats-default"]);
     }
@@ -62,6 +62,12 @@ fn quick_compare_produces_every_row_and_figure() {
                 row["cpu_secs"].as_f64().unwrap_or(0.0) > 0.0,
                 "{sys}/{c}: {row}"
             );
+            // Live devices are pushed their own sends (and their partners').
+            if *sys == "natter-ws-live" {
+                assert!(row["pushes"].as_u64().unwrap_or(0) > 0, "{row}");
+            } else {
+                assert!(row["pushes"].is_null(), "{row}");
+            }
         }
     }
     assert_eq!(rows.len(), systems.len() * 3, "unexpected rows: {rows:?}");

@@ -30,11 +30,14 @@ pub fn payload() -> String {
 
 /// One closed-loop client of one system.
 pub enum Worker {
-    /// Natter through the router: protocol-v1 `send` on a WebSocket.
+    /// Natter through the router: protocol-v1 `send` on a WebSocket. A
+    /// resumed (live) client is pushed every change of its conversations;
+    /// `pushed` counts the conversation pushes it has read.
     NatterWs {
         client: Client,
         conversation: String,
         prefix: String,
+        pushed: u64,
     },
     /// Natter through the router: `natter.client.Natter/Send` over gRPC
     /// (the generated tonic client, its own HTTP/2 connection).
@@ -49,6 +52,15 @@ pub enum Worker {
 }
 
 impl Worker {
+    /// Conversation pushes this client has read so far (0 unless it is a
+    /// live WebSocket client).
+    pub fn pushed(&self) -> u64 {
+        match self {
+            Worker::NatterWs { pushed, .. } => *pushed,
+            _ => 0,
+        }
+    }
+
     /// One durable, replicated append; Ok once acknowledged.
     async fn op(&mut self, i: u64, text: &str) -> Result<()> {
         match self {
@@ -56,6 +68,7 @@ impl Worker {
                 client,
                 conversation,
                 prefix,
+                pushed,
             } => {
                 let r = client
                     .request(
@@ -64,6 +77,12 @@ impl Worker {
                                "client_msg_id": format!("{prefix}-{i}"), "text": text}),
                     )
                     .await?;
+                // Pushes read while waiting for the answer: counted, dropped.
+                *pushed += client
+                    .events
+                    .drain(..)
+                    .filter(|e| e["event"] == "conversation")
+                    .count() as u64;
                 if r.get("ok").is_none() {
                     bail!("send failed: {r}");
                 }

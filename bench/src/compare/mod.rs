@@ -10,8 +10,13 @@
 //!    work everywhere: a 200-byte durable, 3-way replicated append. Natter's
 //!    clients are what a messenger sees: each client is its own user with
 //!    one connected device, and clients 2p and 2p+1 chat in one two-member
-//!    conversation, so every send also updates two feeds and is pushed to
-//!    both devices (client 0 alone has an offline partner).
+//!    conversation, so every send also updates two feeds. In the WebSocket
+//!    and gRPC rows the devices only send (not resumed: nothing is pushed
+//!    to them); in the "live" WebSocket row they are resumed, as an app
+//!    is, so every send is also pushed to both members' devices (client 0
+//!    alone has an offline partner). The live row has users and
+//!    conversations of its own, so its devices get no pushes while the
+//!    other rows run.
 //! 4. Natter only: delivery latency, groups, idle connections, sustained
 //!    open-loop load, delta sync vs history size, failover and catch-up.
 //! 5. Markdown table + JSON in `--out-dir`.
@@ -71,10 +76,14 @@ pub struct Row {
     pub cpu_secs: f64,
     pub load_avg: f64,
     pub secs: f64,
+    /// Conversation pushes the clients read (the live row only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pushes: Option<u64>,
 }
 
 pub const NATTER_WS: &str = "natter-ws";
 pub const NATTER_GRPC: &str = "natter-grpc";
+pub const NATTER_WS_LIVE: &str = "natter-ws-live";
 pub const ETCD: &str = "etcd";
 pub const NATS_ALWAYS: &str = "nats-always";
 pub const NATS_DEFAULT: &str = "nats-default";
@@ -83,6 +92,7 @@ fn label(system: &str) -> &'static str {
     match system {
         NATTER_WS => "Natter send via router, WebSocket JSON v1 (fsync on majority, group commit)",
         NATTER_GRPC => "Natter send via router, gRPC (natter.client.Natter/Send; fsync on majority, group commit)",
+        NATTER_WS_LIVE => "Natter send via router, WebSocket, devices live (resumed: each send also pushed to both members' devices)",
         ETCD => "etcd put (fsync per commit, batched)",
         NATS_ALWAYS => "NATS JetStream R3 publish, sync_interval: always (fsync before ack)",
         NATS_DEFAULT => "NATS JetStream R3 publish, default: acks WITHOUT fsync — NOT DURABLE",
@@ -98,12 +108,15 @@ struct Systems {
     /// Client `w` is `senders[w]`, chatting in `convs[w / 2]`.
     senders: Vec<natter::User>,
     convs: Vec<String>,
+    /// The same for the live row: users and conversations of its own.
+    live_senders: Vec<natter::User>,
+    live_convs: Vec<String>,
     _dir: tempfile::TempDir,
 }
 
 impl Systems {
     fn names(&self) -> Vec<&'static str> {
-        let mut v = vec![NATTER_WS, NATTER_GRPC];
+        let mut v = vec![NATTER_WS, NATTER_GRPC, NATTER_WS_LIVE];
         if self.etcd.is_some() {
             v.push(ETCD);
         }
@@ -118,7 +131,7 @@ impl Systems {
 
     fn pids(&self, system: &str) -> Vec<u32> {
         match system {
-            NATTER_WS | NATTER_GRPC => self.natter.pids(),
+            NATTER_WS | NATTER_GRPC | NATTER_WS_LIVE => self.natter.pids(),
             ETCD => self.etcd.as_ref().map(|e| e.pids()).unwrap_or_default(),
             NATS_ALWAYS => self
                 .nats_always
@@ -140,6 +153,23 @@ impl Systems {
         self.convs[(w % self.senders.len()) / 2].clone()
     }
 
+    /// A live (resumed) WebSocket client of the live row's user `w`.
+    async fn live_worker(&self, count: usize, w: usize) -> Result<Worker> {
+        let w = w % self.live_senders.len();
+        let mut client = natter_tests::router::Client::connect(
+            self.natter.router(0),
+            &self.live_senders[w].token,
+        )
+        .await?;
+        client.call("resume", json!({})).await?;
+        Ok(Worker::NatterWs {
+            client,
+            conversation: self.live_convs[w / 2].clone(),
+            prefix: format!("l{count}-w{w}-{}", &natter_tests::natter::uuid()[..8]),
+            pushed: 0,
+        })
+    }
+
     /// `count` connected closed-loop clients of `system`.
     async fn workers(&self, system: &str, count: usize) -> Result<Vec<Worker>> {
         let mut out = Vec::with_capacity(count);
@@ -153,7 +183,9 @@ impl Systems {
                     .await?,
                     conversation: self.conv_of(w),
                     prefix: format!("c{count}-w{w}-{}", &natter_tests::natter::uuid()[..8]),
+                    pushed: 0,
                 },
+                NATTER_WS_LIVE => self.live_worker(count, w).await?,
                 NATTER_GRPC => Worker::NatterGrpc {
                     api: natter_tests::grpc::api(self.natter.router(0)).await?,
                     token: self.senders[w % self.senders.len()].token.clone(),
@@ -238,14 +270,10 @@ pub async fn run(o: &Opts) -> Result<()> {
         .max()
         .unwrap_or(1);
     let senders = natter.users(most.max(2).next_multiple_of(2)).await?;
-    let mut convs = Vec::new();
-    for (p, pair) in senders.chunks(2).enumerate() {
-        convs.push(
-            natter
-                .group_on(1 + p as u32 % natter.cluster.shards, &pair[0], &pair[1..])
-                .await?,
-        );
-    }
+    let convs = natter.pairs(&senders).await?;
+    let live_most = o.concurrency.iter().copied().max().unwrap_or(1);
+    let live_senders = natter.users(live_most.max(2).next_multiple_of(2)).await?;
+    let live_convs = natter.pairs(&live_senders).await?;
     let (mut etcd, mut nats_always, mut nats_default) = (None, None, None);
     if let (Some(e), Some(n)) = (&etcd_bin, &nats_bin) {
         eprintln!("== starting etcd (3 members)");
@@ -266,6 +294,8 @@ pub async fn run(o: &Opts) -> Result<()> {
         nats_default,
         senders,
         convs,
+        live_senders,
+        live_convs,
         _dir: dir,
     };
 
@@ -283,6 +313,7 @@ pub async fn run(o: &Opts) -> Result<()> {
         }
         let mut samples: Vec<Samples> = names.iter().map(|_| Samples::default()).collect();
         let mut cpu = vec![0.0; names.len()];
+        let mut pushes = vec![0u64; names.len()];
         let mut load = vec![0.0; names.len()];
         let per_pass = o.secs / o.passes as f64;
         for pass in 0..o.passes {
@@ -291,8 +322,10 @@ pub async fn run(o: &Opts) -> Result<()> {
                 let pids = systems.pids(names[i]);
                 let before = sys::cpu_secs_all(&pids);
                 let w = workers[i].take().unwrap_or_default();
+                let pushed_before: u64 = w.iter().map(Worker::pushed).sum();
                 let (w, s) = closed_loop(w, per_pass, (pass as u64 + 1) * 10_000_000).await;
                 cpu[i] += sys::cpu_secs_all(&pids) - before;
+                pushes[i] += w.iter().map(Worker::pushed).sum::<u64>() - pushed_before;
                 load[i] = sys::loadavg();
                 workers[i] = Some(w);
                 eprintln!(
@@ -318,6 +351,7 @@ pub async fn run(o: &Opts) -> Result<()> {
                 cpu_secs: cpu[i],
                 load_avg: load[i],
                 secs: o.secs,
+                pushes: (names[i] == NATTER_WS_LIVE).then_some(pushes[i]),
             });
         }
     }
@@ -329,6 +363,7 @@ pub async fn run(o: &Opts) -> Result<()> {
         senders,
         convs,
         _dir,
+        ..
     } = systems;
     // The peers are done: stop them before the Natter-only figures.
     drop((etcd, nats_always, nats_default));
@@ -497,9 +532,13 @@ pub fn markdown(r: &Value) -> String {
     let rows = r["rows"].as_array().cloned().unwrap_or_default();
     for row in &rows {
         let ops = f(&row["ops"]);
+        let pushes = match row["pushes"].as_u64() {
+            Some(p) => format!(" — {} pushes read", n0(p as f64)),
+            None => String::new(),
+        };
         let _ = writeln!(
             s,
-            "| {} | {} | {} | {} | {} | {} | {:.1} | {:.0} | {:.1} | {} |",
+            "| {}{pushes} | {} | {} | {} | {} | {} | {:.1} | {:.0} | {:.1} | {} |",
             row["row"].as_str().unwrap_or(""),
             row["concurrency"],
             n0(f(&row["ops_per_sec"])),
@@ -527,7 +566,11 @@ pub fn markdown(r: &Value) -> String {
     let _ = writeln!(s, "|---|---|---|---|---|---|---|---|");
     let mut cs: Vec<Value> = rows.iter().map(|x| x["concurrency"].clone()).collect();
     cs.dedup();
-    for (natter_sys, natter_label) in [(NATTER_WS, "WebSocket"), (NATTER_GRPC, "gRPC")] {
+    for (natter_sys, natter_label) in [
+        (NATTER_WS, "WebSocket"),
+        (NATTER_GRPC, "gRPC"),
+        (NATTER_WS_LIVE, "WebSocket, live"),
+    ] {
         for c in &cs {
             let Some(nat) = get(natter_sys, c) else {
                 continue;

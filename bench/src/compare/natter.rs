@@ -133,6 +133,17 @@ impl NatterSys {
         Ok(out)
     }
 
+    /// One two-member conversation per pair of `users` (2p, 2p+1), spread
+    /// evenly over the data shards.
+    pub async fn pairs(&self, users: &[User]) -> Result<Vec<String>> {
+        let mut out = Vec::new();
+        for (p, pair) in users.chunks(2).enumerate() {
+            let shard = 1 + p as u32 % self.cluster.shards;
+            out.push(self.group_on(shard, &pair[0], &pair[1..]).await?);
+        }
+        Ok(out)
+    }
+
     /// A group of `creator` and `members` on `shard`.
     pub async fn group_on(&self, shard: u32, creator: &User, members: &[User]) -> Result<String> {
         let ids: Vec<String> = members.iter().map(|m| m.id.clone()).collect();
