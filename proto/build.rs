@@ -14,6 +14,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     println!("cargo:rerun-if-changed=natter");
     let fds = protox::compile(&files, ["."])?;
-    tonic_prost_build::configure().compile_fds(fds)?;
+    tonic_prost_build::configure()
+        // A send's answer carries the conversation row only for push: boxed,
+        // so every model answer isn't the size of a row.
+        .boxed(".natter.model.SendResult.conversation")
+        .compile_fds(fds)?;
     Ok(())
 }

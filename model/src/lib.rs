@@ -107,6 +107,7 @@ pub use route::{
     conversation_route_key, fnv1a64, pair_route_key, query_route_key, route_key, session_route_key,
     shard_of, user_route_key, username_route_key,
 };
+pub use sync::sends_delta;
 pub use users::valid_region;
 
 use error::{invalid, Fail, Res};

@@ -7,6 +7,9 @@ pub const MAX_TEXT_BYTES: usize = 16 * 1024;
 pub const MAX_MEDIA_PER_MESSAGE: usize = 10;
 /// Most members of a group, the creator included.
 pub const MAX_GROUP_MEMBERS: usize = 1024;
+/// Most members of a conversation whose row a send's result carries (for
+/// push without a read; larger rows would make every send's event large).
+pub const MAX_PUSHED_ROW_MEMBERS: usize = 128;
 /// Longest group name, in bytes.
 pub const MAX_NAME_BYTES: usize = 200;
 /// Longest client message id (the idempotency key of a send), in bytes.

@@ -26,8 +26,8 @@ use crate::friends;
 use crate::ids::{message_id, Id};
 use crate::keys;
 use crate::limits::{
-    MAX_CLIENT_MSG_ID_BYTES, MAX_MEDIA_FIELD_BYTES, MAX_MEDIA_PER_MESSAGE, MAX_TEXT_BYTES,
-    PREVIEW_CHARS, PREVIEW_FALLBACK_SCAN,
+    MAX_CLIENT_MSG_ID_BYTES, MAX_MEDIA_FIELD_BYTES, MAX_MEDIA_PER_MESSAGE, MAX_PUSHED_ROW_MEMBERS,
+    MAX_TEXT_BYTES, PREVIEW_CHARS, PREVIEW_FALLBACK_SCAN,
 };
 use crate::pb::{self, response::R};
 
@@ -138,6 +138,7 @@ pub(crate) fn send(kv: &mut dyn KvWrite, now: u64, c: pb::SendMessage) -> Res<R>
         return Ok(R::Sent(pb::SendResult {
             message: Some(msg),
             duplicate: true,
+            conversation: None,
         }));
     }
     if !conv.is_group() {
@@ -197,10 +198,11 @@ pub(crate) fn send(kv: &mut dyn KvWrite, now: u64, c: pb::SendMessage) -> Res<R>
         let due = now.saturating_add(conv.row.retention_ms);
         schedule_retention(kv, &mut conv, due)?;
     }
-    conv.save(kv, Fanout::Everyone, &[])?;
+    let row = conv.save(kv, Fanout::Everyone, &[])?;
     Ok(R::Sent(pb::SendResult {
         message: Some(msg),
         duplicate: false,
+        conversation: (row.members.len() <= MAX_PUSHED_ROW_MEMBERS).then(|| Box::new(row)),
     }))
 }
 

@@ -19,6 +19,11 @@
 //! newest, so it comes in the last page; a page whose range would hold a
 //! member change ends just before it and carries the metadata too.
 //!
+//! **From a send's result** ([`sends_delta`]): a send in a small
+//! conversation answers with the row after it, which tells each member the
+//! delta from the version just before it without reading anything back —
+//! what routers push when that version is a device's token.
+//!
 //! A message is live for a viewer when it isn't a tombstone, its seq is
 //! above the viewer's `cleared_through_seq`, they didn't delete it for
 //! themself, and it hasn't expired by the query time — expired-but-not-yet-
@@ -230,6 +235,87 @@ pub(crate) fn sync(kv: &dyn KvRead, now: u64, q: pb::SyncConversation) -> Res<R>
         cold_start: false,
         now_ms: now,
     }))
+}
+
+/// What [`sync`] answered `viewer` from `token` right after the last of
+/// the sends `sent` (results in any order, each carrying the conversation
+/// row after it) when they were the only changes after `token` — `None`
+/// when `sent` can't tell: no send continues `token` (another change came
+/// between, or a result without a row), a token of 0, the viewer not a
+/// member, a deleted conversation. Sends past a gap, or past what one page
+/// of `limit` holds, are left out (the caller syncs for them). This is what
+/// lets a router push a send without reading it back; the property test
+/// holds it equal to `sync`.
+///
+/// A send writes its message at the version after the conversation's and
+/// the metadata at the one after that (`Conv::touch_message`, `Conv::save`), so
+/// a run of sends continues `token` exactly while each message's version is
+/// one above the previous row's. A new message can't be hidden for anyone
+/// yet ("delete for me" is a later change of its own), so only the viewer's
+/// cleared history and expiry decide how it shows.
+pub fn sends_delta(
+    sent: &[&pb::SendResult],
+    viewer: &str,
+    token: u64,
+    now: u64,
+    limit: u32,
+) -> Option<pb::ConversationSync> {
+    let lim = page_limit(limit).ok()?;
+    if token == 0 {
+        return None;
+    }
+    let mut chain: Vec<(&pb::Message, &pb::ConversationRow)> = sent
+        .iter()
+        .filter(|s| !s.duplicate)
+        .filter_map(|s| Some((s.message.as_ref()?, s.conversation.as_deref()?)))
+        .collect();
+    chain.sort_by_key(|(m, _)| m.version);
+    let (mut at, mut msgs, mut last) = (token, Vec::new(), None);
+    for (m, row) in chain {
+        if row.version <= at {
+            continue; // the viewer has it already
+        }
+        // A page holds the messages and the metadata (`sync`'s `has_more`).
+        if m.version != at + 1 || row.version != m.version + 1 || msgs.len() + 2 > lim {
+            break;
+        }
+        msgs.push(m);
+        at = row.version;
+        last = Some(row);
+    }
+    let row = last?;
+    let me = row.members.iter().find(|m| m.user_id == viewer)?;
+    if row.deleted {
+        return None;
+    }
+    let mut changes: Vec<pb::ConversationChange> = msgs
+        .into_iter()
+        .filter(|m| m.seq > me.cleared_through_seq)
+        .map(|m| {
+            let shown = if !m.deleted && !expired_by(m, row.retention_ms, now) {
+                m.clone()
+            } else {
+                pb::Message {
+                    expired: m.expired || expired_by(m, row.retention_ms, now),
+                    ..stripped(m)
+                }
+            };
+            pb::ConversationChange {
+                change: Some(Change::Message(shown)),
+            }
+        })
+        .collect();
+    changes.push(pb::ConversationChange {
+        change: Some(Change::Conversation(delta_view(row, viewer, token))),
+    });
+    Some(pb::ConversationSync {
+        changes,
+        token: row.version,
+        has_more: false,
+        before_seq: 0,
+        cold_start: false,
+        now_ms: now,
+    })
 }
 
 /// The first version in `(from, to]` at which the member list, or a

@@ -30,6 +30,7 @@ fn change(kind: ChangeKind, id: &str, version: u64) -> Change {
         kind: kind as i32,
         id: id.to_string(),
         version,
+        sent: Vec::new(),
     }
 }
 
@@ -53,7 +54,17 @@ pub fn changes(command: &[u8], response: &[u8]) -> Vec<Change> {
     };
     use ChangeKind::*;
     match op {
-        Op::SendMessage(c) => vec![change(Conversation, &c.conversation_id, version)],
+        Op::SendMessage(c) => {
+            let mut ch = change(Conversation, &c.conversation_id, version);
+            // The message and the row after it: routers push it to devices
+            // at the version before without reading it back.
+            if let R::Sent(s) = &r {
+                if s.conversation.is_some() && !s.duplicate {
+                    ch.sent = s.encode_to_vec();
+                }
+            }
+            vec![ch]
+        }
         Op::CreateGroup(c) => vec![change(Conversation, &c.conversation_id, version)],
         Op::UpdateConversation(c) => vec![change(Conversation, &c.conversation_id, version)],
         Op::DeleteConversation(c) => vec![change(Conversation, &c.conversation_id, version)],

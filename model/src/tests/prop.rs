@@ -4,15 +4,17 @@
 //! random interleavings of every operation, time passing, ticks and outbox
 //! delivery (partial, repeated and unacknowledged too).
 
+use std::collections::HashMap;
+
 use natter_kv::KvRead;
 use proptest::prelude::*;
 
 use super::*;
 use crate::codec::decode;
 use crate::conversations::feed_update;
-use crate::direct_conversation_id;
 use crate::ids::Id;
 use crate::keys;
+use crate::{direct_conversation_id, sends_delta};
 
 const USERS: u32 = 4;
 const PAIRS: [(u32, u32); 6] = [(0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3)];
@@ -193,7 +195,7 @@ fn target(w: &World, conv: u32, user: u32, pick: u64) -> (String, String, u64) {
     (id.clone(), who, 1 + pick % (*last).max(1))
 }
 
-fn run(w: &mut World, a: &Action, counter: &mut u64) {
+fn run(w: &mut World, a: &Action, counter: &mut u64, runs: &mut Runs) {
     *counter += 1;
     let n = *counter;
     match a.clone() {
@@ -291,13 +293,17 @@ fn run(w: &mut World, a: &Action, counter: &mut u64) {
             ttl,
         } => {
             let (conv, sender, _) = target(w, conv, sender, n);
+            let before = conversations(w)
+                .into_iter()
+                .find(|(_, _, r)| r.id == conv)
+                .map_or(0, |(_, _, r)| r.version);
             let text = if long {
                 format!("{n} {}", "long text ".repeat(20))
             } else {
                 format!("m{n}")
             };
-            w.exec(Op::SendMessage(pb::SendMessage {
-                conversation_id: conv,
+            let r = w.exec(Op::SendMessage(pb::SendMessage {
+                conversation_id: conv.clone(),
                 sender_id: sender,
                 client_msg_id: format!("c{cmid}"),
                 text: if media && n.is_multiple_of(2) {
@@ -317,6 +323,11 @@ fn run(w: &mut World, a: &Action, counter: &mut u64) {
                 },
                 ttl_ms: TTLS[ttl],
             }));
+            if let R::Sent(sent) = r {
+                if !sent.duplicate {
+                    check_sends_delta(w, runs, &conv, before, sent);
+                }
+            }
         }
         Action::DeleteMsg {
             conv,
@@ -423,6 +434,59 @@ fn conversations(w: &World) -> Vec<(usize, Id, pb::ConversationRow)> {
         }
     }
     out
+}
+
+/// Per conversation, the latest run of back-to-back sends: the version
+/// before its first, and their results.
+type Runs = HashMap<String, (u64, Vec<pb::SendResult>)>;
+
+/// A send's own result tells each member the delta from the version
+/// before it, and a run of sends the delta from before its first, exactly
+/// as `sync` does right after it — what routers push without a read.
+fn check_sends_delta(w: &World, runs: &mut Runs, conv: &str, before: u64, sent: pb::SendResult) {
+    let row = sent
+        .conversation
+        .clone()
+        .expect("a small conversation's send carries its row");
+    let run = runs.entry(conv.to_string()).or_insert((before, Vec::new()));
+    let last = run.1.last().and_then(|s| s.conversation.as_ref());
+    if last.map(|r| r.version) != Some(before) {
+        *run = (before, Vec::new());
+    }
+    run.1.push(sent.clone());
+    let whole: Vec<&pb::SendResult> = run.1.iter().collect();
+    // A send that changed nothing but its message and the metadata (one
+    // may also have expired older messages, at versions of its own).
+    let plain = |sends: &[&pb::SendResult], mut at: u64| {
+        sends.iter().all(|s| {
+            let v = s.message.as_ref().map_or(0, |m| m.version);
+            let ok = v == at + 1;
+            at = v + 1;
+            ok
+        })
+    };
+    for m in &row.members {
+        for (base, sends) in [(before, vec![&sent]), (run.0, whole.clone())] {
+            let plain = plain(&sends, base);
+            for limit in [1, 2, 3, 50] {
+                let want = want!(w.sync(&m.user_id, conv, base, limit), ConversationSync);
+                match sends_delta(&sends, &m.user_id, base, w.now, limit) {
+                    Some(got) if got.token == row.version => assert_eq!(got, want),
+                    // Only part of the run fits a page (so does sync's), or
+                    // a send also changed more than its message.
+                    Some(got) => assert!(
+                        (want.has_more || !plain) && got.token < row.version,
+                        "{got:?}"
+                    ),
+                    None => assert!(
+                        want.has_more || !plain,
+                        "no delta for {} from {base} at limit {limit}: {want:?}",
+                        m.user_id
+                    ),
+                }
+            }
+        }
+    }
 }
 
 /// Unread counts equal a brute-force recount.
@@ -537,11 +601,12 @@ proptest! {
         w.group(1, &uid(2), &[&uid(3)], 0);
         let mut snaps = vec![snapshot(&w, &uid(0), 2)];
         let mut counter = 0;
+        let mut runs = Runs::new();
         for a in &actions {
             if let Action::Snapshot { user, limit } = a {
                 snaps.push(snapshot(&w, &uid(*user), *limit));
             } else {
-                run(&mut w, a, &mut counter);
+                run(&mut w, a, &mut counter, &mut runs);
             }
         }
         for u in 0..USERS {
