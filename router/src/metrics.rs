@@ -27,6 +27,7 @@ pub struct Metrics {
     pub frames_out: IntCounterVec,
     pub messages_out: IntCounter,
     pub push_events: IntCounterVec,
+    pub pushes_from_events: IntCounter,
     pub delivery_latency: HistogramVec,
     pub cluster_latency: HistogramVec,
     pub rate_limited: IntCounterVec,
@@ -54,6 +55,10 @@ fn build() -> Result<Metrics, prometheus::Error> {
     let messages_out = IntCounter::new(
         "messages_out_total",
         "Messages pushed to devices (live and tombstones, cold starts excluded)",
+    )?;
+    let pushes_from_events = IntCounter::new(
+        "pushes_from_events_total",
+        "Conversation pushes built from the sends a change event carried, without reading the conversation back",
     )?;
     let push_events = IntCounterVec::new(
         Opts::new(
@@ -104,6 +109,7 @@ fn build() -> Result<Metrics, prometheus::Error> {
     registry.register(Box::new(frames_out.clone()))?;
     registry.register(Box::new(messages_out.clone()))?;
     registry.register(Box::new(push_events.clone()))?;
+    registry.register(Box::new(pushes_from_events.clone()))?;
     registry.register(Box::new(delivery_latency.clone()))?;
     registry.register(Box::new(cluster_latency.clone()))?;
     registry.register(Box::new(rate_limited.clone()))?;
@@ -116,6 +122,7 @@ fn build() -> Result<Metrics, prometheus::Error> {
         frames_out,
         messages_out,
         push_events,
+        pushes_from_events,
         delivery_latency,
         cluster_latency,
         rate_limited,
@@ -192,6 +199,11 @@ pub fn pushed(event: &str, cold_start: bool, created_at_ms: impl Iterator<Item =
             h.observe(now.saturating_sub(at) as f64 / 1000.0);
         }
     });
+}
+
+/// A conversation push built from an event's sends, without a read.
+pub fn pushed_from_event() {
+    with(|m| m.pushes_from_events.inc());
 }
 
 pub fn rate_limited(limit: &str) {

@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 
 use natter_model::pb::{self, query::Q, response::R, ErrorCode};
 use natter_proto::cluster::{ChangeEvent, ChangeKind, Consistency, WatchRequest};
+use prost::Message as _;
 use serde_json::{json, Map, Value};
 use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -39,6 +40,9 @@ pub const MAX_TRACKED: usize = 10_000;
 const FEED_PAGE: u32 = 500;
 /// Cluster reads the hub runs at once for all devices together.
 const SYNC_CONCURRENCY: usize = 32;
+/// Sends held per conversation and device between two rounds of its
+/// actor; past that the device syncs (reads) instead.
+const MAX_SENT_HELD: usize = 64;
 
 /// A `resume` request: the client's tokens.
 #[derive(Debug, Default, Clone)]
@@ -57,6 +61,10 @@ struct Dirty {
     all: bool,
     /// Conversation → highest version an event named (0 = unknown).
     convs: BTreeMap<String, u64>,
+    /// Conversation → the sends events carried since the last round (at
+    /// most [`MAX_SENT_HELD`]), to push without a read when they continue
+    /// the device's token.
+    sent: HashMap<String, Vec<Arc<pb::SendResult>>>,
 }
 
 impl Dirty {
@@ -465,11 +473,26 @@ impl Hub {
             for ch in &ev.changes {
                 match ChangeKind::try_from(ch.kind) {
                     Ok(ChangeKind::Conversation) => {
-                        for d in ix.by_conv.get(&ch.id).into_iter().flatten() {
+                        let Some(devs) = ix.by_conv.get(&ch.id) else {
+                            continue;
+                        };
+                        // Decoded once for every device; an undecodable one
+                        // is only a missed shortcut (the device reads).
+                        let sent = (!ch.sent.is_empty())
+                            .then(|| pb::SendResult::decode(ch.sent.as_slice()).ok())
+                            .flatten()
+                            .map(Arc::new);
+                        for d in devs {
                             if let Some(d) = ix.devices.get(d) {
                                 d.mark(|x| {
                                     let v = x.convs.entry(ch.id.clone()).or_insert(0);
                                     *v = (*v).max(ch.version);
+                                    if let Some(s) = &sent {
+                                        let held = x.sent.entry(ch.id.clone()).or_default();
+                                        if held.len() < MAX_SENT_HELD {
+                                            held.push(s.clone());
+                                        }
+                                    }
                                 });
                             }
                         }
@@ -639,6 +662,9 @@ impl Hub {
             .collect();
         for (c, hint) in held {
             work.convs.remove(&c);
+            if let Some(sent) = work.sent.remove(&c) {
+                self.push_sent(dev, st, &c, &sent);
+            }
             self.sync_if_behind(dev, st, &c, hint).await?;
         }
         // A feed event naming a version the device already has is done.
@@ -650,6 +676,41 @@ impl Hub {
             self.sync_if_behind(dev, st, &c, hint).await?;
         }
         Ok(())
+    }
+
+    /// Pushes the sends events carried for a held conversation when they
+    /// continue the device's token — exactly what a delta sync from that
+    /// token answered right after them (`natter_model::sends_delta`), with
+    /// no read. Whatever they don't cover (a change between, a send past a
+    /// page) is left to [`Hub::sync_if_behind`], which reads.
+    fn push_sent(&self, dev: &Device, st: &mut DeviceState, c: &str, sent: &[Arc<pb::SendResult>]) {
+        let Some(&from) = st.convs.get(c) else {
+            return;
+        };
+        let sends: Vec<&pb::SendResult> = sent.iter().map(|s| s.as_ref()).collect();
+        let now = crate::now_ms();
+        let Some(s) = natter_model::sends_delta(&sends, &dev.user_id, from, now, self.page) else {
+            return;
+        };
+        let created: Vec<u64> = s
+            .changes
+            .iter()
+            .filter_map(|c| match &c.change {
+                Some(pb::conversation_change::Change::Message(m)) if !m.deleted => {
+                    Some(m.created_at_ms)
+                }
+                _ => None,
+            })
+            .collect();
+        let token = s.token;
+        dev.out.push(Push::Conversation {
+            conversation_id: c.to_string(),
+            from_token: from,
+            sync: s,
+        });
+        crate::metrics::pushed("conversation", st.catching_up, created.into_iter());
+        crate::metrics::pushed_from_event();
+        st.convs.insert(c.to_string(), token);
     }
 
     /// Syncs a tracked conversation unless its token already reaches the

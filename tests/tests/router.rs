@@ -119,6 +119,19 @@ async fn a_message_reaches_a_device_on_another_router_and_a_resumed_device_gets_
         .unwrap();
     let got = bs.received_since(seen, &conv);
     assert_eq!(got, ["missed 1", "missed 2", "missed 3", "after resume"]);
+    // That live message continued Bob's token, so router 2 pushed it from
+    // the send its change event carried, without reading it back (and
+    // Synced::apply checked it continued his token like any push).
+    let (status, metrics) = natter_tests::ops::http_get(&r2.addr, "/metrics")
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    let from_events: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("natter_router_pushes_from_events_total "))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0);
+    assert!(from_events >= 1.0, "no push from an event:\n{metrics}");
     assert_eq!(
         bs.texts(&conv),
         [
