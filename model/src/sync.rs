@@ -19,10 +19,11 @@
 //! newest, so it comes in the last page; a page whose range would hold a
 //! member change ends just before it and carries the metadata too.
 //!
-//! **From a send's result** ([`sends_delta`]): a send in a small
-//! conversation answers with the row after it, which tells each member the
-//! delta from the version just before it without reading anything back —
-//! what routers push when that version is a device's token.
+//! **From a send's result** ([`sends_delta`]): a send answers with the
+//! conversation row after it (up to `MAX_PUSHED_ROW_MEMBERS` members, i.e.
+//! any group today), which tells each member the delta from the version
+//! just before it without reading anything back — what routers push when
+//! that version is a device's token.
 //!
 //! A message is live for a viewer when it isn't a tombstone, its seq is
 //! above the viewer's `cleared_through_seq`, they didn't delete it for

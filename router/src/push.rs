@@ -133,6 +133,15 @@ fn remove_from(map: &mut HashMap<String, HashSet<u64>>, key: &str, id: u64) {
     }
 }
 
+/// When the live messages of a pushed page were created (for the delivery
+/// latency metric).
+fn created_at(s: &pb::ConversationSync) -> impl Iterator<Item = u64> + '_ {
+    s.changes.iter().filter_map(|c| match &c.change {
+        Some(pb::conversation_change::Change::Message(m)) if !m.deleted => Some(m.created_at_ms),
+        _ => None,
+    })
+}
+
 /// What the actor of one device knows.
 #[derive(Default)]
 struct DeviceState {
@@ -692,24 +701,14 @@ impl Hub {
         let Some(s) = natter_model::sends_delta(&sends, &dev.user_id, from, now, self.page) else {
             return;
         };
-        let created: Vec<u64> = s
-            .changes
-            .iter()
-            .filter_map(|c| match &c.change {
-                Some(pb::conversation_change::Change::Message(m)) if !m.deleted => {
-                    Some(m.created_at_ms)
-                }
-                _ => None,
-            })
-            .collect();
+        crate::metrics::pushed("conversation", st.catching_up, created_at(&s));
+        crate::metrics::pushed_from_event();
         let token = s.token;
         dev.out.push(Push::Conversation {
             conversation_id: c.to_string(),
             from_token: from,
             sync: s,
         });
-        crate::metrics::pushed("conversation", st.catching_up, created.into_iter());
-        crate::metrics::pushed_from_event();
         st.convs.insert(c.to_string(), token);
     }
 
@@ -921,12 +920,7 @@ impl Hub {
                 crate::metrics::pushed(
                     "conversation",
                     s.cold_start || st.catching_up,
-                    s.changes.iter().filter_map(|c| match &c.change {
-                        Some(pb::conversation_change::Change::Message(m)) if !m.deleted => {
-                            Some(m.created_at_ms)
-                        }
-                        _ => None,
-                    }),
+                    created_at(&s),
                 );
             }
             st.convs.insert(conv.to_string(), s.token);
