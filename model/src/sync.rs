@@ -50,22 +50,34 @@ struct Viewer<'a> {
     now: u64,
 }
 
+/// Whether `me` may see `msg` by what the message and the member row say:
+/// not a tombstone, after their cleared history, not expired by `now`
+/// (whether they deleted it for themself is a row of its own).
+fn visible(msg: &pb::Message, me: &pb::Member, retention_ms: u64, now: u64) -> bool {
+    !msg.deleted && msg.seq > me.cleared_through_seq && !expired_by(msg, retention_ms, now)
+}
+
+/// The message as shown: itself when `live`, else its tombstone.
+fn shown_as(msg: pb::Message, live: bool, retention_ms: u64, now: u64) -> pb::Message {
+    if live {
+        return msg;
+    }
+    pb::Message {
+        expired: msg.expired || expired_by(&msg, retention_ms, now),
+        ..stripped(&msg)
+    }
+}
+
 impl Viewer<'_> {
     fn live(&self, kv: &dyn KvRead, msg: &pb::Message) -> KvResult<bool> {
-        Ok(!msg.deleted
-            && msg.seq > self.me.cleared_through_seq
-            && !expired_by(msg, self.conv.row.retention_ms, self.now)
+        Ok(visible(msg, self.me, self.conv.row.retention_ms, self.now)
             && !hidden_for(kv, &self.conv.id, self.me, msg.seq)?)
     }
 
     /// The message as this viewer may see it.
     fn shown(&self, kv: &dyn KvRead, msg: pb::Message) -> KvResult<pb::Message> {
-        if self.live(kv, &msg)? {
-            return Ok(msg);
-        }
-        let mut t = stripped(&msg);
-        t.expired = msg.expired || expired_by(&msg, self.conv.row.retention_ms, self.now);
-        Ok(t)
+        let live = self.live(kv, &msg)?;
+        Ok(shown_as(msg, live, self.conv.row.retention_ms, self.now))
     }
 }
 
@@ -293,16 +305,14 @@ pub fn sends_delta(
         .into_iter()
         .filter(|m| m.seq > me.cleared_through_seq)
         .map(|m| {
-            let shown = if !m.deleted && !expired_by(m, row.retention_ms, now) {
-                m.clone()
-            } else {
-                pb::Message {
-                    expired: m.expired || expired_by(m, row.retention_ms, now),
-                    ..stripped(m)
-                }
-            };
+            let live = visible(m, me, row.retention_ms, now);
             pb::ConversationChange {
-                change: Some(Change::Message(shown)),
+                change: Some(Change::Message(shown_as(
+                    m.clone(),
+                    live,
+                    row.retention_ms,
+                    now,
+                ))),
             }
         })
         .collect();

@@ -447,7 +447,7 @@ fn check_sends_delta(w: &World, runs: &mut Runs, conv: &str, before: u64, sent: 
     let row = sent
         .conversation
         .clone()
-        .expect("a small conversation's send carries its row");
+        .expect("a send carries its conversation's row");
     let run = runs.entry(conv.to_string()).or_insert((before, Vec::new()));
     let last = run.1.last().and_then(|s| s.conversation.as_ref());
     if last.map(|r| r.version) != Some(before) {
