@@ -1,14 +1,24 @@
 //! Group commit: one WAL fsync shared by every append that is waiting for one.
 //!
 //! Appends of every group on the node write their batch to RocksDB without
-//! syncing (the entries are readable at once, as openraft requires), then hand
-//! their completion callback to the [`Syncer`]. Its thread takes every callback
-//! queued so far, fsyncs the WAL once, and completes them all. Callbacks that
-//! arrive during an fsync ride the next one, so under load one fsync covers
-//! many appends of many groups, and an idle node does no fsync at all.
+//! syncing (the entries are readable at once, as openraft requires), then
+//! need an fsync that began after their write returned:
 //!
-//! Because a callback is queued only after its write returned, and the WAL is
-//! sequential, the fsync that follows the dequeue covers that write.
+//! * If no fsync is running and none is queued, the append fsyncs on its own
+//!   thread ([`Syncer::sync_now`]) and completes at once. At low load this is
+//!   every append, and it saves two thread hand-offs per append (waking the
+//!   syncer thread, and its waking the appender back): in an A/B of four
+//!   pairs one client's sends were ~9 % faster and delivery p50 ~12 %.
+//! * Otherwise it hands its completion callback to the [`Syncer`]'s thread,
+//!   which takes every callback queued so far, fsyncs the WAL once, and
+//!   completes them all. Callbacks that arrive during an fsync ride the next
+//!   one, so under load one fsync covers many appends of many groups.
+//!
+//! An idle node does no fsync at all. Because a callback is queued (or the
+//! inline fsync started) only after its write returned, and the WAL is
+//! sequential, the fsync that follows covers that write. Only the thread
+//! writes the sync mark (at most every [`MARK_EVERY`]), from the highest
+//! sequence either path has synced.
 //!
 //! [`SyncMode::PerWrite`] turns this off: each append is written with
 //! `sync = true` under one lock, one fsync per append — the baseline the
@@ -78,6 +88,20 @@ pub struct Syncer {
     tx: mpsc::Sender<Msg>,
     thread: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
     pub stats: Arc<SyncStats>,
+    db: Arc<DB>,
+    idle: Arc<Idle>,
+}
+
+/// What the inline path needs to know of the thread: whether an fsync is
+/// running or callbacks are queued for one (then an append joins the queue,
+/// where one fsync covers many), and the highest sequence known fsynced
+/// (for the sync mark, which only the thread writes).
+#[derive(Default)]
+struct Idle {
+    /// Callbacks sent to the thread and not yet completed, plus one while
+    /// any fsync (the thread's or an inline one) runs.
+    busy: std::sync::atomic::AtomicUsize,
+    synced: std::sync::atomic::AtomicU64,
 }
 
 impl Syncer {
@@ -98,6 +122,8 @@ impl Syncer {
             ..Default::default()
         });
         let st = stats.clone();
+        let idle = Arc::new(Idle::default());
+        let (db_t, idle_t) = (db.clone(), idle.clone());
         let mark = std::fs::OpenOptions::new()
             .create(true)
             .truncate(false)
@@ -116,7 +142,7 @@ impl Syncer {
         };
         let spawned = std::thread::Builder::new()
             .name("natter-wal-sync".into())
-            .spawn(move || run(db, rx, st, mark));
+            .spawn(move || run(db_t, rx, st, mark, idle_t));
         let thread = match spawned {
             Ok(t) => Some(t),
             Err(e) => {
@@ -130,6 +156,8 @@ impl Syncer {
             tx,
             thread: std::sync::Mutex::new(thread),
             stats,
+            db,
+            idle,
         }
     }
 
@@ -139,6 +167,10 @@ impl Syncer {
     /// process exits (RocksDB aborts if its destructor races the exit
     /// handlers). Later appends fail. Blocks; call from a blocking context.
     pub fn stop(&self) {
+        // No inline fsync from now on either.
+        self.idle
+            .busy
+            .store(usize::MAX / 2, std::sync::atomic::Ordering::Release);
         let _ = self.tx.send(Msg::Stop);
         let thread = match self.thread.lock() {
             Ok(mut t) => t.take(),
@@ -149,6 +181,32 @@ impl Syncer {
                 tracing::error!("the WAL sync thread panicked");
             }
         }
+    }
+
+    /// Fsyncs the WAL on the calling thread if no fsync is running or
+    /// queued, and says how it went; `None` when one is (then use
+    /// [`Syncer::after_sync`], whose fsync will be shared). At low load this
+    /// saves the two thread hand-offs of the queue (waking the syncer, and
+    /// its waking the caller back) on the path of every append; under load
+    /// the thread's shared fsyncs take over by themselves. Blocks for one
+    /// fsync.
+    pub fn sync_now(&self) -> Option<io::Result<()>> {
+        use std::sync::atomic::Ordering::{AcqRel, Relaxed};
+        if self
+            .idle
+            .busy
+            .compare_exchange(0, 1, AcqRel, Relaxed)
+            .is_err()
+        {
+            return None;
+        }
+        let start = Instant::now();
+        let res = sync_wal(&self.db, &self.stats, &self.idle.synced, 1);
+        self.idle.busy.fetch_sub(1, AcqRel);
+        if let Some(h) = &self.stats.append_wait_seconds {
+            h.observe(start.elapsed().as_secs_f64());
+        }
+        Some(res)
     }
 
     /// Calls `done` once everything written before this call is on disk.
@@ -163,7 +221,13 @@ impl Syncer {
             }
             None => done,
         };
+        self.idle
+            .busy
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         if let Err(mpsc::SendError(Msg::After(done))) = self.tx.send(Msg::After(done)) {
+            self.idle
+                .busy
+                .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
             done(Err(stopped()));
         }
     }
@@ -189,11 +253,45 @@ fn stopped() -> io::Error {
     io::Error::other("the WAL sync thread has stopped")
 }
 
-fn run(db: Arc<DB>, rx: mpsc::Receiver<Msg>, stats: Arc<SyncStats>, mark: Option<std::fs::File>) {
+/// One WAL fsync covering every write published before it, counted for
+/// `appends` callbacks.
+fn sync_wal(
+    db: &DB,
+    stats: &SyncStats,
+    synced: &std::sync::atomic::AtomicU64,
+    appends: usize,
+) -> io::Result<()> {
     use std::sync::atomic::Ordering::Relaxed;
+    let start = Instant::now();
+    // Every write published by now is in the WAL ahead of this sync.
+    let seq = db.latest_sequence_number();
+    let res = db.flush_wal(true);
+    if res.is_ok() {
+        synced.fetch_max(seq, Relaxed);
+    }
+    stats.fsyncs.fetch_add(1, Relaxed);
+    stats.appends.fetch_add(appends as u64, Relaxed);
+    let took = start.elapsed();
+    stats
+        .fsync_micros
+        .fetch_add(took.as_micros() as u64, Relaxed);
+    if let Some(h) = &stats.fsync_seconds {
+        h.observe(took.as_secs_f64());
+    }
+    res.map_err(|e| io::Error::other(format!("WAL fsync failed: {e}")))
+}
+
+fn run(
+    db: Arc<DB>,
+    rx: mpsc::Receiver<Msg>,
+    stats: Arc<SyncStats>,
+    mark: Option<std::fs::File>,
+    idle: Arc<Idle>,
+) {
+    use std::sync::atomic::Ordering::{AcqRel, Relaxed};
     let mut waiting: Vec<Done> = Vec::new();
-    // Highest sequence number known fsynced, and the one the mark holds.
-    let (mut synced, mut marked) = (0u64, 0u64);
+    // The sequence number the mark holds.
+    let mut marked = 0u64;
     let mut marked_at = Instant::now();
     let mut stopping = false;
     while !stopping {
@@ -207,6 +305,7 @@ fn run(db: Arc<DB>, rx: mpsc::Receiver<Msg>, stats: Arc<SyncStats>, mark: Option
             Err(RecvTimeoutError::Disconnected) => break,
         }
         rx.try_iter().for_each(&mut take);
+        let synced = idle.synced.load(Relaxed);
         if synced > marked && marked_at.elapsed() >= MARK_EVERY {
             if write_mark(&mark, synced) {
                 marked = synced;
@@ -216,30 +315,17 @@ fn run(db: Arc<DB>, rx: mpsc::Receiver<Msg>, stats: Arc<SyncStats>, mark: Option
         if waiting.is_empty() {
             continue;
         }
-        let start = Instant::now();
-        // Every write published by now is in the WAL ahead of this sync.
-        let seq = db.latest_sequence_number();
-        let res = db.flush_wal(true);
-        if res.is_ok() {
-            synced = synced.max(seq);
-        }
-        stats.fsyncs.fetch_add(1, Relaxed);
-        stats.appends.fetch_add(waiting.len() as u64, Relaxed);
-        let took = start.elapsed();
-        stats
-            .fsync_micros
-            .fetch_add(took.as_micros() as u64, Relaxed);
-        if let Some(h) = &stats.fsync_seconds {
-            h.observe(took.as_secs_f64());
-        }
+        let n = waiting.len();
+        let res = sync_wal(&db, &stats, &idle.synced, n);
         for done in waiting.drain(..) {
-            done(
-                res.as_ref()
-                    .map(|_| ())
-                    .map_err(|e| io::Error::other(format!("WAL fsync failed: {e}"))),
-            );
+            done(match &res {
+                Ok(()) => Ok(()),
+                Err(e) => Err(io::Error::other(e.to_string())),
+            });
         }
+        idle.busy.fetch_sub(n, AcqRel);
     }
+    let synced = idle.synced.load(Relaxed);
     if synced > marked {
         write_mark(&mark, synced);
     }
@@ -248,5 +334,65 @@ fn run(db: Arc<DB>, rx: mpsc::Receiver<Msg>, stats: Arc<SyncStats>, mark: Option
         if let Msg::After(done) = m {
             done(Err(stopped()));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn put(db: &DB, k: &[u8]) {
+        let mut w = rocksdb::WriteOptions::default();
+        w.set_sync(false);
+        db.put_opt(k, b"v", &w).expect("put");
+    }
+
+    /// An idle syncer fsyncs on the caller, and what that fsync covered
+    /// reaches the sync mark like the thread's own fsyncs do.
+    #[test]
+    fn an_inline_sync_is_counted_and_marked() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let db = Arc::new(DB::open_default(dir.path().join("db")).expect("open"));
+        let syncer = Syncer::start(db.clone(), dir.path());
+        put(&db, b"a");
+        let seq = db.latest_sequence_number();
+        assert!(matches!(syncer.sync_now(), Some(Ok(()))));
+        assert_eq!(syncer.stats.fsyncs.load(std::sync::atomic::Ordering::Relaxed), 1);
+        syncer.stop();
+        let marked = crate::db::read_sync_mark(dir.path()).expect("mark").unwrap_or(0);
+        assert!(marked >= seq, "mark {marked} below the synced write {seq}");
+    }
+
+    /// Queued callbacks keep the inline path off until their fsync is done,
+    /// and after `stop` nothing syncs: neither inline nor queued.
+    #[test]
+    fn queued_callbacks_complete_and_stop_ends_both_paths() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let db = Arc::new(DB::open_default(dir.path().join("db")).expect("open"));
+        let syncer = Syncer::start(db.clone(), dir.path());
+        let (tx, rx) = mpsc::channel();
+        for i in 0..8u8 {
+            put(&db, &[i]);
+            let tx = tx.clone();
+            syncer.after_sync(Box::new(move |r| {
+                let _ = tx.send(r.is_ok());
+            }));
+        }
+        for _ in 0..8 {
+            assert_eq!(rx.recv_timeout(Duration::from_secs(10)), Ok(true));
+        }
+        // Every queued callback completed, so the syncer is idle again.
+        let idle = Instant::now() + Duration::from_secs(10);
+        while syncer.idle.busy.load(std::sync::atomic::Ordering::Acquire) != 0 {
+            assert!(Instant::now() < idle, "the syncer never became idle");
+            std::thread::yield_now();
+        }
+        assert!(matches!(syncer.sync_now(), Some(Ok(()))));
+        syncer.stop();
+        assert!(syncer.sync_now().is_none());
+        syncer.after_sync(Box::new(move |r| {
+            let _ = tx.send(r.is_ok());
+        }));
+        assert_eq!(rx.recv_timeout(Duration::from_secs(10)), Ok(false));
     }
 }

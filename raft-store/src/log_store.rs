@@ -262,14 +262,18 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             SyncMode::GroupCommit => {
                 db.write_opt(batch, &self.shared.write_opts(false))
                     .map_err(|e| StoreError::rocks(e).into_raft_write())?;
-                self.shared
-                    .syncer
-                    .after_sync(Box::new(move |res| callback.log_io_completed(res)));
-                // While the syncer's fsync runs, the followers get the entries.
+                // While this node's fsync runs, the followers get the entries.
                 if let Some(eager) = &self.eager {
                     let last = entries.last().map(|e| e.log_id);
                     eager.post(entries, |index| self.id_before(eager, index));
                     eager.set_last(last);
+                }
+                match self.shared.syncer.sync_now() {
+                    Some(res) => callback.log_io_completed(res),
+                    None => self
+                        .shared
+                        .syncer
+                        .after_sync(Box::new(move |res| callback.log_io_completed(res))),
                 }
             }
             SyncMode::UnsafeNoWal => {
