@@ -411,14 +411,14 @@ impl Eager {
             .collect()
     }
 
-    /// Posts `entries` (just written to this node's log) to the followers,
-    /// if this node leads their term; `prev` gives the id of the entry before
-    /// an index (`None`: unknown, nothing is sent). Gives the entries back.
     /// Whether `entry` is this node's own (it proposed it as leader).
     pub(crate) fn is_own(&self, entry: &Entry) -> bool {
         entry.log_id.leader_id.voted_for() == Some(self.me)
     }
 
+    /// Posts `entries` (just written to this node's log) to the followers,
+    /// if this node leads their term; `prev` gives the id of the entry before
+    /// an index (`None`: unknown, nothing is sent). Gives the entries back.
     pub(crate) fn post(
         &self,
         entries: Vec<Entry>,
