@@ -385,7 +385,7 @@ impl Eager {
         let leads = m.state == ServerState::Leader
             && m.vote.is_committed()
             && m.vote.leader_id() == &first.log_id.leader_id
-            && first.log_id.leader_id.voted_for() == Some(self.me);
+            && self.is_own(first);
         if !leads {
             return Vec::new();
         }

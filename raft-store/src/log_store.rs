@@ -262,34 +262,29 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             SyncMode::GroupCommit => {
                 db.write_opt(batch, &self.shared.write_opts(false))
                     .map_err(|e| StoreError::rocks(e).into_raft_write())?;
-                let own = match (&self.eager, entries.first()) {
-                    (Some(eager), Some(first)) => eager.is_own(first),
-                    _ => false,
-                };
-                if own {
-                    // A leader's own entries: its fsync is shared with
-                    // whatever else waits (the syncer's thread), and while
-                    // it runs the followers get the entries eagerly.
-                    self.shared
-                        .syncer
-                        .after_sync(Box::new(move |res| callback.log_io_completed(res)));
-                    if let Some(eager) = &self.eager {
-                        let last = entries.last().map(|e| e.log_id);
-                        eager.post(entries, |index| self.id_before(eager, index));
-                        eager.set_last(last);
-                    }
+                // A follower's append is on the path of the leader's
+                // commit: when no fsync is running or queued, it fsyncs
+                // here, without the hand-off to the syncer's thread and
+                // back. A leader's own entries share the syncer's fsync.
+                let own = (self.eager.as_ref())
+                    .zip(entries.first())
+                    .is_some_and(|(eager, first)| eager.is_own(first));
+                match if own {
+                    None
                 } else {
-                    // A follower's append is on the path of the leader's
-                    // commit: when no fsync is running or queued, it
-                    // fsyncs here, without the hand-off to the syncer's
-                    // thread and back.
-                    match self.shared.syncer.sync_now() {
-                        Some(res) => callback.log_io_completed(res),
-                        None => self
-                            .shared
-                            .syncer
-                            .after_sync(Box::new(move |res| callback.log_io_completed(res))),
-                    }
+                    self.shared.syncer.sync_now()
+                } {
+                    Some(res) => callback.log_io_completed(res),
+                    None => self
+                        .shared
+                        .syncer
+                        .after_sync(Box::new(move |res| callback.log_io_completed(res))),
+                }
+                // While the leader's fsync runs, the followers get the entries.
+                if let Some(eager) = &self.eager {
+                    let last = entries.last().map(|e| e.log_id);
+                    eager.post(entries, |index| self.id_before(eager, index));
+                    eager.set_last(last);
                 }
             }
             SyncMode::UnsafeNoWal => {
