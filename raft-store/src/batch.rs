@@ -50,14 +50,28 @@ struct Pending {
 /// The entry a batch of commands is written as.
 pub fn encode(commands: &[Vec<u8>]) -> Result<Vec<u8>, StoreError> {
     let mut out = MARK.to_vec();
-    out.extend(db::encode(&commands)?);
+    out.extend(encode_list(commands)?);
     Ok(out)
 }
 
 /// The commands of a batched entry; None for a single command.
 pub fn decode(entry: &[u8]) -> Option<Result<Vec<Vec<u8>>, StoreError>> {
     let body = entry.strip_prefix(MARK)?;
-    Some(db::decode("batched commands", body))
+    Some(decode_list("batched commands", body))
+}
+
+/// The bincode of a list of byte strings (a batch's commands or responses):
+/// the layout of a `Vec<Vec<u8>>`, each element copied at once.
+pub(crate) fn encode_list(items: &[Vec<u8>]) -> Result<Vec<u8>, StoreError> {
+    let items: Vec<&serde_bytes::Bytes> =
+        items.iter().map(|i| serde_bytes::Bytes::new(i)).collect();
+    db::encode(&items)
+}
+
+/// The inverse of [`encode_list`].
+pub(crate) fn decode_list(what: &str, raw: &[u8]) -> Result<Vec<Vec<u8>>, StoreError> {
+    let items: Vec<serde_bytes::ByteBuf> = db::decode(what, raw)?;
+    Ok(items.into_iter().map(|i| i.into_vec()).collect())
 }
 
 /// A group's proposer: the queue, the in-flight slots and the Raft handle.
@@ -164,7 +178,7 @@ async fn write(group: u32, raft: &Raft, mut batch: Vec<Pending>) {
     match raft.client_write(Command(entry)).await {
         Ok(r) => {
             let index = r.log_id.index;
-            match db::decode::<Vec<Vec<u8>>>("batched responses", &r.data.0) {
+            match decode_list("batched responses", &r.data.0) {
                 Ok(replies) if replies.len() == batch.len() => {
                     for (p, reply) in batch.into_iter().zip(replies) {
                         let _ = p.done.send(Ok((reply, index)));
@@ -289,5 +303,15 @@ mod tests {
         let mut bad = MARK.to_vec();
         bad.extend([1, 2, 3]);
         assert!(decode(&bad).unwrap().is_err());
+    }
+
+    /// Batches written before lists were encoded as byte strings must still
+    /// read, and the other way round.
+    #[test]
+    fn a_list_is_encoded_as_a_vec_of_vec_u8_was() {
+        let items = vec![b"\x08\x01".to_vec(), Vec::new(), vec![0xff; 300]];
+        let old = bincode::serialize(&items).unwrap();
+        assert_eq!(encode_list(&items).unwrap(), old);
+        assert_eq!(decode_list("test", &old).unwrap(), items);
     }
 }

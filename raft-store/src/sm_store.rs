@@ -31,7 +31,8 @@ use crate::{Shared, StoreError};
 struct SnapshotBody {
     applied: Option<LogId>,
     membership: StoredMembership,
-    rows: Vec<(Vec<u8>, Vec<u8>)>,
+    /// Byte strings: the layout of `(Vec<u8>, Vec<u8>)` pairs, copied at once.
+    rows: Vec<(serde_bytes::ByteBuf, serde_bytes::ByteBuf)>,
 }
 
 /// The state machine of one group.
@@ -114,7 +115,7 @@ impl SmStore {
                                 .iter()
                                 .map(|c| apply(c))
                                 .collect::<Result<Vec<_>, _>>()?;
-                            replies.push(Reply(db::encode(&outs)?));
+                            replies.push(Reply(crate::batch::encode_list(&outs)?));
                         }
                         None => replies.push(Reply(apply(&cmd.0)?)),
                     }
@@ -174,7 +175,10 @@ impl SmStore {
             ro.fill_cache(false);
             for item in snap.iterator_cf_opt(db::cf(db, CF_SM)?, ro, IteratorMode::Start) {
                 let (k, v) = item.map_err(StoreError::rocks)?;
-                rows.push((k.get(4..).unwrap_or_default().to_vec(), v.to_vec()));
+                rows.push((
+                    serde_bytes::ByteBuf::from(k.get(4..).unwrap_or_default()),
+                    serde_bytes::ByteBuf::from(v.to_vec()),
+                ));
             }
         }
         let n = self.snapshots_built.fetch_add(1, Ordering::Relaxed) + 1;
@@ -216,7 +220,7 @@ impl SmStore {
             &db::group_end(self.group)[..],
         );
         for (k, v) in &body.rows {
-            batch.put_cf(sm, db::sm_key(self.group, k), v);
+            batch.put_cf(sm, db::sm_key(self.group, k), &v[..]);
         }
         batch.put_cf(
             meta_cf,
