@@ -90,10 +90,18 @@ pub(crate) fn apply_updates(kv: &mut dyn KvWrite, now: u64, c: pb::ApplyFeedUpda
         let conv = Id::parse(&u.conversation_id, "conversation_id")?;
         feed.push((user, conv, u));
     }
+    if c.online_user_ids.len() > MAX_BATCH {
+        return Err(limit(format!("more than {MAX_BATCH} online users")));
+    }
+    let online: std::collections::HashSet<&str> =
+        c.online_user_ids.iter().map(String::as_str).collect();
     let friend_updates = friends::parse_index_updates(c.friend_updates)?;
     let (mut applied, mut ignored) = (0, 0);
     let mut versions = std::collections::BTreeMap::new();
     for (user, conv, u) in feed {
+        // No offline notification for a user who is online (or when the
+        // leader has nowhere to deliver one).
+        let quiet = c.notifications_off || online.contains(u.user_id.as_str());
         let old = get::<pb::FeedEntry>(&*kv, &keys::feed(&user, &conv))?;
         if old
             .as_ref()
@@ -109,7 +117,7 @@ pub(crate) fn apply_updates(kv: &mut dyn KvWrite, now: u64, c: pb::ApplyFeedUpda
             feed_version: 0,
         };
         let e = write_entry(kv, &user, &conv, e, old.as_ref())?;
-        crate::notify::on_feed_update(kv, now, &user, &conv, old.as_ref(), &e)?;
+        crate::notify::on_feed_update(kv, now, &user, &conv, old.as_ref(), &e, quiet)?;
         versions.insert(user.to_string(), e.feed_version);
         applied += 1;
     }

@@ -8,6 +8,11 @@
 //!   setting allows it (`ALL`; `DIRECT_ONLY` only for direct
 //!   conversations; `NONE` never). A user row that doesn't exist counts as
 //!   the default, `ALL`.
+//! * Not for a user the command names as online (`online_user_ids`, stamped
+//!   by the leader from its presence leases: they get the message live), nor
+//!   at all when the leader has no webhook (`notifications_off`). The
+//!   notifier drops such rows anyway; not writing them saves a row, its
+//!   delete and a share of an `AckNotifications` round per message.
 //! * Rows are keyed (user, conversation, seq), so a redelivered feed update
 //!   can't enqueue twice; the id is UUID v5 of the same triple. A newer
 //!   message of a conversation replaces the user's pending older row of it:
@@ -42,7 +47,9 @@ fn allowed(kv: &dyn KvRead, user: &Id, kind: i32) -> Res<bool> {
 
 /// Called for every feed row `ApplyFeedUpdates` writes: enqueues a
 /// notification when the update brings a new message the user should hear
-/// about (see the module docs).
+/// about (see the module docs), unless `quiet` (the user was online when
+/// the leader proposed the update, or it has no webhook). A pending older
+/// row is withdrawn either way when the update supersedes it.
 pub(crate) fn on_feed_update(
     kv: &mut dyn KvWrite,
     now: u64,
@@ -50,6 +57,7 @@ pub(crate) fn on_feed_update(
     conv: &Id,
     old: Option<&pb::FeedEntry>,
     new: &pb::FeedEntry,
+    quiet: bool,
 ) -> Res<()> {
     let Some(u) = &new.conversation else {
         return Ok(());
@@ -78,6 +86,9 @@ pub(crate) fn on_feed_update(
     let Some(p) = &u.preview else {
         return Ok(());
     };
+    if quiet {
+        return Ok(());
+    }
     let old_last = old
         .and_then(|o| o.conversation.as_ref())
         .map_or(0, |c| c.last_seq);

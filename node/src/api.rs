@@ -39,6 +39,42 @@ pub struct NodeApi {
     pub region: String,
     pub events: Events,
     pub presence: Arc<crate::presence::Presence>,
+    pub stamper: Stamper,
+}
+
+/// What a shard's leader writes into a model command as it proposes it:
+/// its clock, and for `ApplyFeedUpdates` which of the users are online (its
+/// presence leases) and whether it delivers notifications at all. Facts of
+/// the leader's moment, so the state machine reads them from the log and
+/// every replica applies the same thing.
+#[derive(Clone)]
+pub struct Stamper {
+    pub presence: Arc<crate::presence::Presence>,
+    /// A webhook is configured (`--webhook-url`).
+    pub notifications: bool,
+}
+
+impl Stamper {
+    /// The command stamped for `shard` at `now_ms`.
+    pub fn command(&self, shard: u32, command: &[u8], now_ms: u64) -> Result<Vec<u8>, Status> {
+        let mut cmd = pb::Command::decode(command)
+            .map_err(|e| Status::invalid_argument(format!("undecodable command: {e}")))?;
+        cmd.stamp = Some(pb::Stamp { now_ms });
+        if let Some(pb::command::Op::ApplyFeedUpdates(a)) = cmd.op.as_mut() {
+            a.notifications_off = !self.notifications;
+            a.online_user_ids.clear();
+            if self.notifications {
+                for u in &a.updates {
+                    if !a.online_user_ids.contains(&u.user_id)
+                        && self.presence.is_online(shard, &u.user_id)
+                    {
+                        a.online_user_ids.push(u.user_id.clone());
+                    }
+                }
+            }
+        }
+        Ok(cmd.encode_to_vec())
+    }
 }
 
 pub fn now_ms() -> u64 {
@@ -72,14 +108,6 @@ fn rpc_span(trace: &str, path: &str) -> tracing::Span {
     let span = tracing::info_span!("rpc", trace = %t, path = %path);
     tracing::debug!(parent: &span, "request");
     span
-}
-
-/// Puts the leader's clock into a model command.
-pub fn stamp_command(command: &[u8], now_ms: u64) -> Result<Vec<u8>, Status> {
-    let mut cmd = pb::Command::decode(command)
-        .map_err(|e| Status::invalid_argument(format!("undecodable command: {e}")))?;
-    cmd.stamp = Some(pb::Stamp { now_ms });
-    Ok(cmd.encode_to_vec())
 }
 
 /// Puts this node's clock into a model query (used only to hide messages
@@ -130,7 +158,7 @@ impl NodeApi {
         let command = if req.shard == META_GROUP {
             req.command
         } else {
-            stamp_command(&req.command, now_ms())?
+            self.stamper.command(req.shard, &req.command, now_ms())?
         };
         Ok(match self.host.propose(req.shard, command.clone()).await {
             Ok(p) => {

@@ -98,11 +98,16 @@ pub async fn run(mut cfg: config::Config) -> Result<()> {
         .with_context(|| format!("cannot listen on {}", cfg.listen))?;
     let events = events::Events::default();
     let presence = presence::Presence::new(host.clone(), events.clone(), cfg.presence_lease);
+    let stamper = api::Stamper {
+        presence: presence.clone(),
+        notifications: cfg.webhook.is_some(),
+    };
     let api = api::NodeApi {
         host: host.clone(),
         region: cfg.region.clone(),
         events: events.clone(),
         presence: presence.clone(),
+        stamper: stamper.clone(),
     };
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let server = {
@@ -128,13 +133,15 @@ pub async fn run(mut cfg: config::Config) -> Result<()> {
     let mut workers = vec![workers::spawn(
         host.clone(),
         events.clone(),
+        stamper.clone(),
         stop_rx.clone(),
     )];
-    workers.extend(presence.spawn(stop_rx.clone()));
+    workers.extend(presence.spawn(stamper.clone(), stop_rx.clone()));
     workers.push(notifier::spawn(
         host.clone(),
         events,
         presence,
+        stamper,
         cfg.webhook.clone(),
         stop_rx.clone(),
     )?);

@@ -21,6 +21,12 @@
 //! users are not notified. Without `--webhook-url` every notification is
 //! dropped (acked) as it comes.
 //!
+//! Most rows this loop would drop are never written: the leader proposing
+//! an `ApplyFeedUpdates` stamps into it the users it sees online and whether
+//! it has a webhook (`api::Stamper`), and the state machine enqueues nothing
+//! for those. What still reaches the queue for an online user (a leader new
+//! to its leases, a user who came online since) is dropped here.
+//!
 //! Rounds are at least [`ROUND_GAP`] apart: a webhook hears of a
 //! notification up to that much later, and the queue is scanned a few times
 //! a second instead of once per applied command.
@@ -42,7 +48,7 @@ use sha2::Sha256;
 use tokio::sync::{mpsc, watch, Semaphore};
 use tokio::task::JoinHandle;
 
-use crate::api::{now_ms, stamp_query};
+use crate::api::{now_ms, stamp_query, Stamper};
 use crate::events::Events;
 use crate::presence::Presence;
 use crate::remote::Remote;
@@ -128,6 +134,7 @@ pub fn spawn(
     host: Arc<RaftHost>,
     events: Events,
     presence: Arc<Presence>,
+    stamper: Stamper,
     webhook: Option<Webhook>,
     stop: watch::Receiver<bool>,
 ) -> Result<JoinHandle<()>> {
@@ -145,7 +152,7 @@ pub fn spawn(
         tracing::info!("no --webhook-url: offline notifications are dropped");
     }
     let shared = Arc::new(Shared {
-        remote: Remote::new(host.clone(), events),
+        remote: Remote::new(host.clone(), events, stamper),
         host: host.clone(),
         presence,
         webhook,

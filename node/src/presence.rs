@@ -27,7 +27,7 @@ use prost::Message;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::api::{now_ms, stamp_query};
+use crate::api::{now_ms, stamp_query, Stamper};
 use crate::events::Events;
 use crate::remote::Remote;
 
@@ -323,7 +323,11 @@ impl Presence {
     }
 
     /// The sweeper and the last-seen writer, until `stop`.
-    pub fn spawn(self: &Arc<Presence>, stop: watch::Receiver<bool>) -> Vec<JoinHandle<()>> {
+    pub fn spawn(
+        self: &Arc<Presence>,
+        stamper: Stamper,
+        stop: watch::Receiver<bool>,
+    ) -> Vec<JoinHandle<()>> {
         let sweeper = {
             let p = self.clone();
             let mut stop = stop.clone();
@@ -338,7 +342,7 @@ impl Presence {
         };
         let rx = self.last_seen_rx.lock().ok().and_then(|mut r| r.take());
         let writer = {
-            let remote = Remote::new(self.host.clone(), self.events.clone());
+            let remote = Remote::new(self.host.clone(), self.events.clone(), stamper);
             let p = self.clone();
             let mut stop = stop;
             tokio::spawn(async move {

@@ -13,22 +13,24 @@ use natter_raft_store::{Consistency, Error, RaftHost};
 use prost::Message;
 use tonic::transport::{Channel, Endpoint};
 
-use crate::api::{now_ms, stamp_command};
+use crate::api::{now_ms, Stamper};
 use crate::events::Events;
 use crate::META_GROUP;
 
 pub struct Remote {
     host: Arc<RaftHost>,
     events: Events,
+    stamper: Stamper,
     clients: Mutex<HashMap<String, NodeClient<Channel>>>,
     leaders: Mutex<HashMap<u32, String>>,
 }
 
 impl Remote {
-    pub fn new(host: Arc<RaftHost>, events: Events) -> Self {
+    pub fn new(host: Arc<RaftHost>, events: Events, stamper: Stamper) -> Self {
         Remote {
             host,
             events,
+            stamper,
             clients: Default::default(),
             leaders: Default::default(),
         }
@@ -60,7 +62,7 @@ impl Remote {
     /// Proposes a model command to `shard` and returns the response.
     pub async fn propose(&self, shard: u32, command: &[u8]) -> Result<Vec<u8>> {
         if self.host.is_leader(shard) {
-            let stamped = stamp_command(command, now_ms())?;
+            let stamped = self.stamper.command(shard, command, now_ms())?;
             match self.host.propose(shard, stamped.clone()).await {
                 Ok(p) => {
                     self.events.publish(shard, p.index, &stamped, &p.response);

@@ -44,7 +44,7 @@ use prost::Message;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::api::{now_ms, stamp_query};
+use crate::api::{now_ms, stamp_query, Stamper};
 use crate::events::Events;
 use crate::remote::Remote;
 
@@ -61,8 +61,13 @@ const FANOUT_SPACING: Duration = Duration::from_millis(50);
 /// Longest sleep when nothing happens.
 const IDLE_WAKE: Duration = Duration::from_secs(1);
 
-pub fn spawn(host: Arc<RaftHost>, events: Events, stop: watch::Receiver<bool>) -> JoinHandle<()> {
-    let remote = Arc::new(Remote::new(host.clone(), events));
+pub fn spawn(
+    host: Arc<RaftHost>,
+    events: Events,
+    stamper: Stamper,
+    stop: watch::Receiver<bool>,
+) -> JoinHandle<()> {
+    let remote = Arc::new(Remote::new(host.clone(), events, stamper));
     let h = host.clone();
     crate::shards::spawn_per_shard(host, stop.clone(), move |shard| {
         let w = ShardWorker {

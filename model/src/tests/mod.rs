@@ -49,6 +49,11 @@ pub(crate) fn code(r: &R) -> ErrorCode {
 pub(crate) struct World {
     pub(crate) shards: Vec<MemKv>,
     pub(crate) now: u64,
+    /// What the leader stamps into the `ApplyFeedUpdates` that
+    /// [`World::deliver_from`] proposes: users it sees online, and whether
+    /// it has no webhook.
+    pub(crate) online: Vec<String>,
+    pub(crate) notifications_off: bool,
 }
 
 impl World {
@@ -56,6 +61,8 @@ impl World {
         World {
             shards: vec![MemKv::default(); shards],
             now: 1_000_000,
+            online: Vec::new(),
+            notifications_off: false,
         }
     }
 
@@ -180,7 +187,9 @@ impl World {
         if batch.entries.is_empty() {
             return false;
         }
-        for (target, updates) in outbox_deliveries(&batch.entries, self.count()) {
+        for (target, mut updates) in outbox_deliveries(&batch.entries, self.count()) {
+            updates.online_user_ids = self.online.clone();
+            updates.notifications_off = self.notifications_off;
             want!(
                 self.exec_on(target as usize - 1, Op::ApplyFeedUpdates(updates)),
                 FeedApplied

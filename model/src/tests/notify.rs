@@ -144,7 +144,7 @@ fn a_message_enqueues_one_notification_for_the_recipient_only() {
             user_shard,
             Op::ApplyFeedUpdates(pb::ApplyFeedUpdates {
                 updates: vec![row],
-                friend_updates: Vec::new(),
+                ..Default::default()
             })
         ),
         FeedApplied
@@ -157,6 +157,61 @@ fn a_message_enqueues_one_notification_for_the_recipient_only() {
     assert!(pending(&w, &b).is_empty());
     let again = ack(&mut w, &b, &ns);
     assert_eq!((again.deleted, again.missing), (0, 1));
+}
+
+#[test]
+fn no_notification_for_a_user_the_leader_saw_online_or_without_a_webhook() {
+    let (mut w, a, b, d) = pair();
+    // Bob is online when his feed update is proposed: he got it live.
+    w.online = vec![b.clone()];
+    w.send(&d, &a, "seen live");
+    w.deliver();
+    assert!(pending(&w, &b).is_empty());
+    // Offline again: the next message is queued.
+    w.online.clear();
+    w.send(&d, &a, "while away");
+    w.deliver();
+    let ns = pending(&w, &b);
+    assert_eq!(ns.len(), 1);
+    assert_eq!(ns[0].preview, "while away");
+    // Back online: a newer message withdraws the pending one and adds none.
+    w.online = vec![b.clone()];
+    w.send(&d, &a, "back");
+    w.deliver();
+    assert!(pending(&w, &b).is_empty());
+    // Someone else online does not silence Bob.
+    w.online = vec![a.clone()];
+    w.send(&d, &a, "again away");
+    w.deliver();
+    assert_eq!(pending(&w, &b).len(), 1);
+    // A leader without a webhook queues nothing, and still withdraws.
+    w.online.clear();
+    w.notifications_off = true;
+    w.send(&d, &a, "no webhook");
+    w.deliver();
+    assert!(pending(&w, &b).is_empty());
+    // The feed itself is updated all the same.
+    let row = w
+        .full_feed(&b, 0)
+        .0
+        .into_iter()
+        .find_map(|e| e.conversation)
+        .expect("bob's feed row");
+    assert_eq!(row.preview.map(|p| p.text), Some("no webhook".into()));
+}
+
+#[test]
+fn too_many_online_users_in_a_feed_update_are_refused() {
+    let (mut w, _a, b, _d) = pair();
+    let user_shard = w.shard_for(&crate::user_route_key(&b));
+    let r = w.exec_on(
+        user_shard,
+        Op::ApplyFeedUpdates(pb::ApplyFeedUpdates {
+            online_user_ids: vec![b.clone(); crate::limits::MAX_BATCH + 1],
+            ..Default::default()
+        }),
+    );
+    assert_eq!(code(&r), ErrorCode::LimitExceeded);
 }
 
 #[test]
