@@ -74,6 +74,10 @@ struct Args {
     /// compare: seconds of the sustained run.
     #[arg(long)]
     sustained_secs: Option<f64>,
+    /// compare: data shards (Raft groups) of the Natter cluster (default:
+    /// the nodes' default, 3).
+    #[arg(long, default_value_t = 3)]
+    shards: u32,
     /// compare: run Natter's rows only (no etcd, no NATS).
     #[arg(long)]
     no_peers: bool,
@@ -496,6 +500,7 @@ async fn compare(args: &Args) -> Result<()> {
         sustained_secs: args.sustained_secs.unwrap_or(if q { 2.0 } else { 60.0 }),
         catch_up_writes: if q { 300 } else { 20_000 },
         no_peers: args.no_peers,
+        shards: args.shards,
         out_dir: args.out_dir.clone(),
         command: format!(
             "natter-bench {}",

@@ -56,6 +56,8 @@ pub struct Opts {
     pub sustained_secs: f64,
     pub catch_up_writes: u64,
     pub no_peers: bool,
+    /// Data shards of the Natter cluster.
+    pub shards: u32,
     pub out_dir: String,
     pub command: String,
 }
@@ -258,8 +260,11 @@ pub async fn run(o: &Opts) -> Result<()> {
         (Some(e), Some(n))
     };
 
-    eprintln!("== starting Natter (3 nodes, 2 routers)");
-    let natter = NatterSys::start(8).await?;
+    eprintln!(
+        "== starting Natter (3 nodes, 2 routers, {} data shards)",
+        o.shards
+    );
+    let natter = NatterSys::start(o.shards).await?;
     // One user per client (the most clients of any row or of the
     // sustained run), paired; conversations spread evenly over the shards.
     let most = o
@@ -434,6 +439,7 @@ pub async fn run(o: &Opts) -> Result<()> {
         "versions": versions,
         "fsync_floor_4k": {"p50_us": f50, "p99_us": f99},
         "secs_per_row": o.secs,
+        "natter_shards": o.shards,
         "passes": o.passes,
         "rows": rows,
         "natter_only": extra,
