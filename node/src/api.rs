@@ -64,13 +64,13 @@ impl Stamper {
             a.notifications_off = !self.notifications;
             a.online_user_ids.clear();
             if self.notifications {
-                for u in &a.updates {
-                    if !a.online_user_ids.contains(&u.user_id)
-                        && self.presence.is_online(shard, &u.user_id)
-                    {
-                        a.online_user_ids.push(u.user_id.clone());
-                    }
-                }
+                let users: std::collections::BTreeSet<&str> =
+                    a.updates.iter().map(|u| u.user_id.as_str()).collect();
+                a.online_user_ids = users
+                    .into_iter()
+                    .filter(|u| self.presence.is_online(shard, u))
+                    .map(str::to_string)
+                    .collect();
             }
         }
         Ok(cmd.encode_to_vec())
