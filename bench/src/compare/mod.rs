@@ -18,8 +18,7 @@
 //!    conversations of its own, so its devices get no pushes while the
 //!    other rows run.
 //! 4. Natter only: delivery latency, groups, idle connections, sustained
-//!    open-loop load (after the latency figures: it leaves the nodes
-//!    compacting), delta sync vs history size, failover and catch-up.
+//!    open-loop load, delta sync vs history size, failover and catch-up.
 //! 5. Markdown table + JSON in `--out-dir`.
 //!
 //! Every process it starts is stopped by pid when the run ends, fails or is
@@ -376,6 +375,35 @@ pub async fn run(o: &Opts) -> Result<()> {
 
     // --- Natter only ---
     let mut extra = serde_json::Map::new();
+    eprintln!("== sustained open-loop load");
+    {
+        let k = sustained_conns(o.quick);
+        let conns = natter::connect_all(&[n.router(0)], &senders[..k], 32).await?;
+        // Connection i is senders[i]: it sends in convs[i / 2].
+        let conv_of: Vec<String> = (0..k).map(|i| convs[i / 2].clone()).collect();
+        let pids = n.pids();
+        let before = sys::cpu_secs_all(&pids);
+        let r = load::open_loop(conns, &conv_of, o.sustained_rate, o.sustained_secs, 64).await?;
+        extra.insert(
+            "sustained".into(),
+            json!({
+                "target_rate": r.target_rate, "secs": r.secs, "scheduled": r.scheduled,
+                "skipped_backlogged": r.skipped, "ok": r.ok, "errors": r.errors,
+                "achieved_rate": r.ok as f64 / r.secs,
+                "p50_us": percentile(&r.lat, 0.5), "p99_us": percentile(&r.lat, 0.99),
+                "p999_us": percentile(&r.lat, 0.999),
+                "cpu_secs": sys::cpu_secs_all(&pids) - before, "load_avg": sys::loadavg(),
+                "settle_secs": 0.0,
+            }),
+        );
+        // 60 s at the seed's rate leaves the nodes flushing and compacting
+        // ~600,000 messages for a while; the figures below are taken once
+        // that is done, or they measure its aftermath instead of the path
+        // they name (two of three full runs on 2026-12-01 had delivery p50
+        // 2.7-3.9 ms and p99 43-52 ms right after it, against 1.5-1.8 ms).
+        let settled = sys::settle(&pids, SETTLE_CORES, SETTLE_MAX).await;
+        extra["sustained"]["settle_secs"] = json!(settled);
+    }
     eprintln!("== end-to-end delivery");
     // A figure that fails is recorded as an error; the run goes on.
     let or_error = |r: Result<Value>| match r {
@@ -398,32 +426,6 @@ pub async fn run(o: &Opts) -> Result<()> {
         "idle_connections".into(),
         or_error(natter::idle_connections(&n, o.idle_conns).await),
     );
-    // After the latency figures: 60 s at the seed's rate leaves the nodes
-    // flushing and compacting ~600,000 messages for a while, and a delivery
-    // or group figure taken then measured that aftermath, not the path it
-    // names (two of three full runs on 2026-12-01 had delivery p50 2.7-3.9
-    // ms and p99 43-52 ms right after it, against 1.5-1.8 ms otherwise).
-    eprintln!("== sustained open-loop load");
-    {
-        let k = sustained_conns(o.quick);
-        let conns = natter::connect_all(&[n.router(0)], &senders[..k], 32).await?;
-        // Connection i is senders[i]: it sends in convs[i / 2].
-        let conv_of: Vec<String> = (0..k).map(|i| convs[i / 2].clone()).collect();
-        let pids = n.pids();
-        let before = sys::cpu_secs_all(&pids);
-        let r = load::open_loop(conns, &conv_of, o.sustained_rate, o.sustained_secs, 64).await?;
-        extra.insert(
-            "sustained".into(),
-            json!({
-                "target_rate": r.target_rate, "secs": r.secs, "scheduled": r.scheduled,
-                "skipped_backlogged": r.skipped, "ok": r.ok, "errors": r.errors,
-                "achieved_rate": r.ok as f64 / r.secs,
-                "p50_us": percentile(&r.lat, 0.5), "p99_us": percentile(&r.lat, 0.99),
-                "p999_us": percentile(&r.lat, 0.999),
-                "cpu_secs": sys::cpu_secs_all(&pids) - before, "load_avg": sys::loadavg(),
-            }),
-        );
-    }
     eprintln!("== delta sync vs history ({} messages)", o.history);
     extra.insert(
         "sync".into(),
@@ -469,6 +471,12 @@ pub async fn run(o: &Opts) -> Result<()> {
     eprintln!("results written to {base}.json and {base}.md");
     Ok(())
 }
+
+/// After the sustained run, the cluster counts as settled once its
+/// processes use less than this many cores...
+const SETTLE_CORES: f64 = 0.15;
+/// ...or after this long.
+const SETTLE_MAX: std::time::Duration = std::time::Duration::from_secs(120);
 
 /// Connections of the sustained open-loop run.
 fn sustained_conns(quick: bool) -> usize {
@@ -611,9 +619,9 @@ pub fn markdown(r: &Value) -> String {
     let su = &x["sustained"];
     let _ = writeln!(
         s,
-        "| sustained open-loop {} msg/s for {:.0} s (router WebSocket) | achieved {} msg/s ({} ok, {} skipped as backlogged, {} errors), p50 {} µs, p99 {} µs, p99.9 {} µs (from the scheduled send time) |",
+        "| sustained open-loop {} msg/s for {:.0} s (router WebSocket) | achieved {} msg/s ({} ok, {} skipped as backlogged, {} errors), p50 {} µs, p99 {} µs, p99.9 {} µs (from the scheduled send time); the nodes were idle again {:.0} s after it, before the figures below |",
         n0(f(&su["target_rate"])), f(&su["secs"]), n0(f(&su["achieved_rate"])), su["ok"], su["skipped_backlogged"], su["errors"],
-        n0(f(&su["p50_us"])), n0(f(&su["p99_us"])), n0(f(&su["p999_us"]))
+        n0(f(&su["p50_us"])), n0(f(&su["p99_us"])), n0(f(&su["p999_us"])), f(&su["settle_secs"])
     );
     for (k, l) in [
         ("same_router", "one router"),

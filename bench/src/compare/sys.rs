@@ -79,6 +79,22 @@ pub fn cpu_secs_all(pids: &[u32]) -> f64 {
     pids.iter().map(|p| cpu_secs(*p)).sum()
 }
 
+/// Waits until `pids` together use less than `cores` (sampled over 1 s), or
+/// `max` has passed; the seconds waited.
+pub async fn settle(pids: &[u32], cores: f64, max: Duration) -> f64 {
+    let start = Instant::now();
+    let mut last = cpu_secs_all(pids);
+    while start.elapsed() < max {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let now = cpu_secs_all(pids);
+        if now - last < cores {
+            break;
+        }
+        last = now;
+    }
+    start.elapsed().as_secs_f64()
+}
+
 /// Resident memory in KiB (0 when unknown).
 pub fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
