@@ -396,11 +396,13 @@ pub async fn run(o: &Opts) -> Result<()> {
                 "settle_secs": 0.0,
             }),
         );
-        // 60 s at the seed's rate leaves the nodes flushing and compacting
-        // ~600,000 messages for a while; the figures below are taken once
-        // that is done, or they measure its aftermath instead of the path
-        // they name (two of three full runs on 2026-12-01 had delivery p50
-        // 2.7-3.9 ms and p99 43-52 ms right after it, against 1.5-1.8 ms).
+        // The figures below are taken once the nodes are idle again (the
+        // load's flushes and compactions done), so that they measure the
+        // path they name, not this run's aftermath. Two of three full runs
+        // on 2026-12-01 without this wait had delivery p50 2.7-3.9 ms and
+        // p99 43-52 ms right after it, against 1.5-1.8 ms in the others;
+        // the first run with it found the nodes idle 2 s after the load, so
+        // the aftermath was not the whole cause of those.
         let settled = sys::settle(&pids, SETTLE_CORES, SETTLE_MAX).await;
         extra["sustained"]["settle_secs"] = json!(settled);
     }
