@@ -62,16 +62,17 @@ impl Stamper {
         cmd.stamp = Some(pb::Stamp { now_ms });
         if let Some(pb::command::Op::ApplyFeedUpdates(a)) = cmd.op.as_mut() {
             a.notifications_off = !self.notifications;
-            a.online_user_ids.clear();
-            if self.notifications {
+            a.online_user_ids = if self.notifications {
                 let users: std::collections::BTreeSet<&str> =
                     a.updates.iter().map(|u| u.user_id.as_str()).collect();
-                a.online_user_ids = users
+                users
                     .into_iter()
                     .filter(|u| self.presence.is_online(shard, u))
                     .map(str::to_string)
-                    .collect();
-            }
+                    .collect()
+            } else {
+                Vec::new()
+            };
         }
         Ok(cmd.encode_to_vec())
     }

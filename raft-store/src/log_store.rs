@@ -269,11 +269,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                 let own = (self.eager.as_ref())
                     .zip(entries.first())
                     .is_some_and(|(eager, first)| eager.is_own(first));
-                match if own {
-                    None
-                } else {
-                    self.shared.syncer.sync_now()
-                } {
+                let inline = (!own).then(|| self.shared.syncer.sync_now()).flatten();
+                match inline {
                     Some(res) => callback.log_io_completed(res),
                     None => self
                         .shared

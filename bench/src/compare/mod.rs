@@ -384,6 +384,15 @@ pub async fn run(o: &Opts) -> Result<()> {
         let pids = n.pids();
         let before = sys::cpu_secs_all(&pids);
         let r = load::open_loop(conns, &conv_of, o.sustained_rate, o.sustained_secs, 64).await?;
+        let (cpu_secs, load_avg) = (sys::cpu_secs_all(&pids) - before, sys::loadavg());
+        // The figures below are taken once the nodes are idle again (the
+        // load's flushes and compactions done), so that they measure the
+        // path they name, not this run's aftermath. Two of three full runs
+        // on 2026-12-01 without this wait had delivery p50 2.7-3.9 ms and
+        // p99 43-52 ms right after it, against 1.5-1.8 ms in the others;
+        // the first run with it found the nodes idle 2 s after the load, so
+        // the aftermath was not the whole cause of those.
+        let settle_secs = sys::settle(&pids, SETTLE_CORES, SETTLE_MAX).await;
         extra.insert(
             "sustained".into(),
             json!({
@@ -392,19 +401,9 @@ pub async fn run(o: &Opts) -> Result<()> {
                 "achieved_rate": r.ok as f64 / r.secs,
                 "p50_us": percentile(&r.lat, 0.5), "p99_us": percentile(&r.lat, 0.99),
                 "p999_us": percentile(&r.lat, 0.999),
-                "cpu_secs": sys::cpu_secs_all(&pids) - before, "load_avg": sys::loadavg(),
-                "settle_secs": 0.0,
+                "cpu_secs": cpu_secs, "load_avg": load_avg, "settle_secs": settle_secs,
             }),
         );
-        // The figures below are taken once the nodes are idle again (the
-        // load's flushes and compactions done), so that they measure the
-        // path they name, not this run's aftermath. Two of three full runs
-        // on 2026-12-01 without this wait had delivery p50 2.7-3.9 ms and
-        // p99 43-52 ms right after it, against 1.5-1.8 ms in the others;
-        // the first run with it found the nodes idle 2 s after the load, so
-        // the aftermath was not the whole cause of those.
-        let settled = sys::settle(&pids, SETTLE_CORES, SETTLE_MAX).await;
-        extra["sustained"]["settle_secs"] = json!(settled);
     }
     eprintln!("== end-to-end delivery");
     // A figure that fails is recorded as an error; the run goes on.
