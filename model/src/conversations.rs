@@ -46,8 +46,6 @@ pub(crate) enum Fanout<'a> {
 pub(crate) struct Conv {
     pub(crate) id: Id,
     pub(crate) row: pb::ConversationRow,
-    /// Where the metadata's change-index entry is (0 = nowhere yet).
-    meta_version: u64,
     /// The members as stored before this command, if remembered at load
     /// ([`Conv::remember_members`]); else [`Conv::save`] reads them back.
     before: Option<Vec<pb::Member>>,
@@ -58,7 +56,6 @@ impl Conv {
         Conv {
             id,
             row,
-            meta_version: 0,
             before: None,
         }
     }
@@ -100,7 +97,6 @@ impl Conv {
         Ok(
             get::<pb::ConversationRow>(kv, &keys::conversation(&id))?.map(|row| Conv {
                 id,
-                meta_version: row.version,
                 row,
                 before: None,
             }),
@@ -176,20 +172,11 @@ impl Conv {
                 .map(|r| r.members)
                 .unwrap_or_default(),
         };
-        if self.meta_version > 0 {
-            kv.delete(&keys::change(&self.id, self.meta_version));
-        }
+        // The metadata is the conversation's newest change, always: its
+        // place in the change order is the row's version, so it needs no
+        // change-index entry (`sync` adds it there).
         let v = self.next_version();
         self.record_member_versions(&before, v);
-        put(
-            kv,
-            &keys::change(&self.id, v),
-            &pb::IndexRef {
-                meta: true,
-                ..Default::default()
-            },
-        );
-        self.meta_version = v;
         put(kv, &keys::conversation(&self.id), &self.row);
         let targets: Vec<&pb::Member> = match fanout {
             Fanout::Everyone => self.row.members.iter().collect(),

@@ -4,10 +4,12 @@
 //! messages, `token` = the conversation version, and `before_seq` for
 //! `History`, which pages older live messages backwards.
 //!
-//! **Delta** (`token > 0`): the change index holds every entity once, at the
-//! version of its latest change, so "everything after the token" is a range
-//! scan of the global index merged with the viewer's private one (their
-//! "delete for me" changes). Each entity is returned at its current state:
+//! **Delta** (`token > 0`): the change index holds every message once, at
+//! the version of its latest change, so "everything after the token" is a
+//! range scan of the global index merged with the viewer's private one
+//! (their "delete for me" changes). The metadata changes with every change
+//! (it is saved last, at the next version), so its place in that order is
+//! always the row's version and it has no entry of its own. Each entity is returned at its current state:
 //! live messages in full, deleted, expired or hidden ones as tombstones.
 //! Cost is proportional to the changes returned, not to the conversation.
 //!
@@ -185,7 +187,15 @@ pub(crate) fn sync(kv: &dyn KvRead, now: u64, q: pb::SyncConversation) -> Res<R>
         lim + 1,
     )? {
         let r = decode::<pb::IndexRef>(&k, &val)?;
-        entries.push((tail_u64(&k)?, (!r.meta).then_some(r.seq), false));
+        // A metadata entry is from a store written before the metadata
+        // left the index: its place is the row's version (below).
+        if !r.meta {
+            entries.push((tail_u64(&k)?, Some(r.seq), false));
+        }
+    }
+    // The metadata: the newest change, at the row's version.
+    if row.version > q.token {
+        entries.push((row.version, None, false));
     }
     let private_from = keys::private_change(id, &user, q.token);
     let private_prefix = keys::private_change_prefix(id, &user);

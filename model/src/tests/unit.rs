@@ -3,7 +3,7 @@
 use std::cell::Cell;
 use std::ops::Bound;
 
-use natter_kv::{KvRead, KvResult, Pair, StateMachine};
+use natter_kv::{KvRead, KvResult, KvWrite, Pair, StateMachine};
 use prost::Message as _;
 
 use super::*;
@@ -1617,6 +1617,65 @@ fn delta_sync_cost_does_not_grow_with_the_conversation() {
         small, large,
         "delta sync read {small} rows for 10 messages but {large} for 3000"
     );
+}
+
+/// A store written before the metadata left the change index holds one
+/// metadata entry per conversation, at the version of its last change
+/// then. Delta sync skips it: every token and page size reads exactly
+/// what a store without it reads (the metadata once, at the row's version).
+#[test]
+fn a_metadata_entry_left_by_an_older_store_changes_no_sync() {
+    let build = |legacy: bool| {
+        let mut w = World::new(1);
+        let (a, b) = (uid(0), uid(1));
+        let g = w.group(0, &a, &[&b], 0);
+        w.send(&g, &b, "one");
+        w.send(&g, &a, "two");
+        if legacy {
+            let id = crate::ids::Id::parse(&g, "g").expect("id");
+            let row = crate::codec::get::<pb::ConversationRow>(
+                &w.shards[0],
+                &crate::keys::conversation(&id),
+            )
+            .expect("read")
+            .expect("row");
+            let entry = pb::IndexRef {
+                meta: true,
+                ..Default::default()
+            };
+            w.shards[0].put(
+                &crate::keys::change(&id, row.version),
+                &entry.encode_to_vec(),
+            );
+        }
+        w.send(&g, &b, "three");
+        w.send(&g, &b, "four");
+        (w, a, g)
+    };
+    let (old, a, g) = build(true);
+    let (new, _, _) = build(false);
+    let (_, last) = new.full_conversation(&a, &g, 50).expect("member");
+    for token in 1..=last {
+        for limit in [1, 2, 3, 50] {
+            let was = want!(old.sync(&a, &g, token, limit), ConversationSync);
+            let is = want!(new.sync(&a, &g, token, limit), ConversationSync);
+            assert_eq!(was, is, "token {token}, limit {limit}");
+            let metas = is
+                .changes
+                .iter()
+                .filter(|c| {
+                    matches!(
+                        c.change,
+                        Some(pb::conversation_change::Change::Conversation(_))
+                    )
+                })
+                .count();
+            assert!(
+                metas <= 1,
+                "token {token}, limit {limit}: {metas} metadata changes"
+            );
+        }
+    }
 }
 
 /// The metadata change a sync page carries.
