@@ -9,8 +9,9 @@
 //! range scan of the global index merged with the viewer's private one
 //! (their "delete for me" changes). The metadata changes with every change
 //! (it is saved last, at the next version), so its place in that order is
-//! always the row's version and it has no entry of its own. Each entity is returned at its current state:
-//! live messages in full, deleted, expired or hidden ones as tombstones.
+//! always the row's version and it has no entry of its own. Each entity is
+//! returned at its current state: live messages in full, deleted, expired
+//! or hidden ones as tombstones.
 //! Cost is proportional to the changes returned, not to the conversation.
 //!
 //! The metadata's member list is sent whole only when it changed (a join or

@@ -6,8 +6,8 @@
 //! per-entry work, not the fsync (group commit already shares it), is what
 //! a write costs. So each group has one proposer task: it takes the first
 //! waiting proposal plus whatever else is queued (up to [`MAX_COMMANDS`] /
-//! [`MAX_BYTES`]) and writes them as one entry, with up to [`IN_FLIGHT`]
-//! entries in flight (one). A proposal that finds nobody waiting and a slot free
+//! [`MAX_BYTES`]) and writes them as one entry, with [`IN_FLIGHT`] (one)
+//! entry in flight. A proposal that finds nobody waiting and the slot free
 //! is written directly by its caller, so a lone writer pays nothing extra;
 //! batches form exactly when writes queue up.
 //!
