@@ -40,7 +40,8 @@ pub const MAX_BYTES: usize = 1 << 20;
 /// 5 writers per group) 4 in flight had let most proposals go alone, one
 /// Raft round each; 1 instead of 4 took sends at 16 clients up 13-35 %
 /// in 9 of 9 A/B rows, and up 4-27 % in most rows at 256 (README,
-/// "Benchmarks"). A lone writer is unaffected: it never finds one in flight.
+/// "Benchmarks"). A lone writer waits only behind the outbox's own
+/// proposals to its group; one-client pairs showed no direction.
 pub const IN_FLIGHT: usize = 1;
 /// Proposals queued per group before `propose` waits.
 const QUEUE: usize = 4096;
