@@ -18,8 +18,8 @@
 //! a leave) after the token; otherwise just the members whose view (role,
 //! read mark) changed after it (`members_complete = false`), which the
 //! client merges into the list it holds — else a message in a group of N
-//! would send N members to each of N devices. The metadata's entry is the
-//! newest, so it comes in the last page; a page whose range would hold a
+//! would send N members to each of N devices. The metadata's place is the
+//! newest (the row's version), so it comes in the last page; a page whose range would hold a
 //! member change ends just before it and carries the metadata too.
 //!
 //! **From a send's result** ([`sends_delta`]): a send answers with the
@@ -211,7 +211,7 @@ pub(crate) fn sync(kv: &dyn KvRead, now: u64, q: pb::SyncConversation) -> Res<R>
     let mut members_now = false;
     if has_more {
         token = entries.last().map_or(q.token, |e| e.0);
-        // The metadata's own entry is the newest, so only the last page
+        // The metadata's place is the newest, so only the last page
         // carries it, with the members changed after *that* page's token. A
         // member change within this page's range must come now: the page
         // ends just before it, and carries the metadata. (A member change's
