@@ -60,6 +60,20 @@ pub(crate) fn page_after<M: Message + Default>(
     limit: usize,
     what: &str,
 ) -> Res<(Vec<M>, Vec<u8>, bool)> {
+    page_after_by(kv, prefix, after, limit, what, |m: M| Ok((m, 1)))
+}
+
+/// [`page_after`], with each row turned into what the page holds by
+/// `expand`, which also says how much of `limit` it uses (at least 1): the
+/// page ends once `limit` is used up, and always holds at least one row.
+pub(crate) fn page_after_by<M: Message + Default, T>(
+    kv: &dyn KvRead,
+    prefix: &[u8],
+    after: &[u8],
+    limit: usize,
+    what: &str,
+    mut expand: impl FnMut(M) -> Res<(T, usize)>,
+) -> Res<(Vec<T>, Vec<u8>, bool)> {
     if after.len() > MAX_CURSOR_BYTES || !(after.is_empty() || after.starts_with(prefix)) {
         return Err(invalid(format!("bad {what} cursor")));
     }
@@ -69,14 +83,19 @@ pub(crate) fn page_after<M: Message + Default>(
         Bound::Excluded(after)
     };
     let rows = scan_from(kv, prefix, from, limit + 1)?;
-    let has_more = rows.len() > limit;
     let mut out = Vec::with_capacity(rows.len().min(limit));
     let mut next_after = Vec::new();
-    for (k, v) in rows.into_iter().take(limit) {
-        out.push(decode::<M>(&k, &v)?);
+    let mut used = 0;
+    for (k, v) in rows {
+        if used >= limit {
+            return Ok((out, next_after, true));
+        }
+        let (item, weight) = expand(decode::<M>(&k, &v)?)?;
+        used += weight.max(1);
+        out.push(item);
         next_after = k;
     }
-    Ok((out, next_after, has_more))
+    Ok((out, next_after, false))
 }
 
 /// The last 8 bytes of a key as a big-endian integer.

@@ -178,14 +178,15 @@ impl Conv {
         let v = self.next_version();
         self.record_member_versions(&before, v);
         put(kv, &keys::conversation(&self.id), &self.row);
-        let targets: Vec<&pb::Member> = match fanout {
-            Fanout::Everyone => self.row.members.iter().collect(),
-            Fanout::Only(u) => self.member(u).into_iter().collect(),
-        };
-        for m in targets {
-            let update = feed_update(&*kv, &self.id, &self.row, m, false)?;
-            let user = Id::stored(&m.user_id, &keys::conversation(&self.id))?;
-            outbox::enqueue_feed(kv, &self.id, &user, update);
+        match fanout {
+            Fanout::Everyone => outbox::enqueue_conversation(kv, &self.id, self.row.version),
+            Fanout::Only(u) => {
+                if let Some(m) = self.member(u) {
+                    let update = feed_update(&*kv, &self.id, &self.row, m, false)?;
+                    let user = Id::stored(&m.user_id, &keys::conversation(&self.id))?;
+                    outbox::enqueue_feed(kv, &self.id, &user, update);
+                }
+            }
         }
         for m in removed {
             let update = feed_update(&*kv, &self.id, &self.row, m, true)?;

@@ -22,7 +22,7 @@
 //! | 0x40 | expires at, conversation, seq         | IndexRef         | conversation |
 //! | 0x41 | due at, conversation                  | IndexRef         | conversation |
 //! | 0x42 | conversation                          | PurgeRow         | conversation |
-//! | 0x50 | kind(1), source, user                 | OutboxEntry      | source       |
+//! | 0x50 | kind(1), source, user (none: kind 3)  | OutboxEntry      | source       |
 //! | 0x60 | token hash(32)                        | Session          | session      |
 //! | 0x61 | expires at, token hash(32)            | (empty)          | session      |
 //! | 0x70 | user, conversation, seq               | Notification     | user         |
@@ -229,6 +229,15 @@ pub(crate) fn purge_prefix() -> Vec<u8> {
 
 pub(crate) fn outbox(kind: u8, source: &Id, user: &Id) -> Vec<u8> {
     K::new(OUTBOX).raw(&[kind]).id(source).id(user).done()
+}
+
+/// The one outbox row of a conversation's members' feeds (kind
+/// `Conversation`): no user part.
+pub(crate) fn outbox_conversation(source: &Id) -> Vec<u8> {
+    K::new(OUTBOX)
+        .raw(&[crate::pb::OutboxKind::Conversation as u8])
+        .id(source)
+        .done()
 }
 
 pub(crate) fn outbox_prefix() -> Vec<u8> {

@@ -55,8 +55,8 @@
 //! # What the node runs on every data shard it leads
 //! * **Outbox worker**: query `PendingOutbox{limit, after}`; propose each
 //!   `ApplyFeedUpdates` of [`outbox_deliveries`]`(entries, shard_count)` to
-//!   its shard (or group by [`outbox_target_route_key`] itself); then propose
-//!   `AckOutbox` ([`outbox_ack`]`(entries)`) back to the source shard. Any
+//!   its shard; then propose `AckOutbox` ([`outbox_ack`]) of the entries
+//!   whose deliveries were all applied back to the source shard. Any
 //!   failure: don't ack, retry later — delivery is idempotent.
 //! * **Expiry**: query `NextExpiry`; when its `at_ms` is non-zero and not in
 //!   the future, propose `Tick{}`. Each command also does a bounded amount
@@ -102,7 +102,7 @@ pub use natter_proto::model as pb;
 pub use ids::{direct_conversation_id, is_canonical_uuid};
 pub use limits::*;
 pub use notify::{notification_ack, notification_key};
-pub use outbox::{outbox_ack, outbox_deliveries, outbox_target_route_key};
+pub use outbox::{outbox_ack, outbox_deliveries, Delivery};
 pub use route::{
     conversation_route_key, fnv1a64, pair_route_key, query_route_key, route_key, session_route_key,
     shard_of, user_route_key, username_route_key,

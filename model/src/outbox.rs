@@ -1,19 +1,28 @@
 //! The durable outbox: how a change on one shard reaches other shards.
 //!
-//! A conversation (or friendship) change writes, in the same command, the
-//! latest [`FeedUpdate`](pb::FeedUpdate) (or [`FriendEntry`](pb::FriendEntry))
-//! for each affected user into an outbox row keyed (kind, source, user). A
-//! newer update overwrites a pending older one (coalescing), so the outbox
-//! holds at most one row per (source, user).
+//! A conversation (or friendship) change writes, in the same command, what
+//! its users' feeds (or friend lists) must learn:
+//! * a change every current member sees writes one row for the whole
+//!   conversation, keyed (kind `Conversation`, source), holding only the
+//!   conversation's version: however many members, one row. The members'
+//!   [`FeedUpdate`](pb::FeedUpdate)s are computed from the conversation row
+//!   when the outbox is read, so they carry its latest state;
+//! * a change for one member only (their read mark, "deleted for me"), or a
+//!   member's removal, writes that user's [`FeedUpdate`](pb::FeedUpdate)
+//!   keyed (kind `Feed`, source, user); a friendship change, its
+//!   [`FriendEntry`](pb::FriendEntry) keyed (kind `Friend`, source, user).
+//!
+//! A newer row for the same key overwrites a pending older one (coalescing).
 //!
 //! The node's outbox worker drains it:
 //! 1. query `PendingOutbox{limit, after}` on the source shard;
-//! 2. [`outbox_deliveries`] groups the entries by target shard into
+//! 2. [`outbox_deliveries`] groups the rows' updates by target shard into
 //!    `ApplyFeedUpdates` commands; propose each to its shard (they are
 //!    idempotent: an update not newer than what the target holds is ignored);
-//! 3. once all are applied, propose [`outbox_ack`]`(entries)` to the source
-//!    shard. An ack deletes a row only if its version still matches, so an
-//!    update enqueued meanwhile survives and is delivered next round.
+//! 3. propose [`outbox_ack`] of the rows whose deliveries were all applied to
+//!    the source shard. An ack deletes a row only if its version still
+//!    matches, so a row rewritten meanwhile survives and is delivered next
+//!    round.
 //!
 //! On failure the worker simply doesn't ack; redelivery is harmless.
 
@@ -21,13 +30,26 @@ use std::collections::BTreeMap;
 
 use natter_kv::{KvRead, KvWrite};
 
-use crate::codec::{get, page_after, put};
+use crate::codec::{get, page_after_by, put};
+use crate::conversations::feed_update;
 use crate::error::{invalid, limit, Res};
 use crate::ids::Id;
 use crate::keys;
 use crate::limits::{page_limit, MAX_BATCH};
 use crate::pb::{self, outbox_entry::Payload, response::R, OutboxKind};
 use crate::route::{shard_of, user_route_key};
+
+/// Queues (coalescing) a feed update for every current member of
+/// conversation `source`, now at `version`.
+pub(crate) fn enqueue_conversation(kv: &mut dyn KvWrite, source: &Id, version: u64) {
+    let entry = pb::OutboxEntry {
+        kind: OutboxKind::Conversation as i32,
+        source_id: source.to_string(),
+        version,
+        ..Default::default()
+    };
+    put(kv, &keys::outbox_conversation(source), &entry);
+}
 
 /// Queues (coalescing) a feed update for `update.user_id`.
 pub(crate) fn enqueue_feed(kv: &mut dyn KvWrite, source: &Id, user: &Id, update: pb::FeedUpdate) {
@@ -37,6 +59,7 @@ pub(crate) fn enqueue_feed(kv: &mut dyn KvWrite, source: &Id, user: &Id, update:
         user_id: user.to_string(),
         version: update.version,
         payload: Some(Payload::Feed(update)),
+        updates: Vec::new(),
     };
     put(
         kv,
@@ -58,6 +81,7 @@ pub(crate) fn enqueue_friend(
         user_id: user.to_string(),
         version: friend.version,
         payload: Some(Payload::Friend(friend)),
+        updates: Vec::new(),
     };
     put(
         kv,
@@ -66,19 +90,54 @@ pub(crate) fn enqueue_friend(
     );
 }
 
-fn kind_byte(kind: i32) -> Res<u8> {
-    match OutboxKind::try_from(kind) {
-        Ok(OutboxKind::Feed) => Ok(OutboxKind::Feed as u8),
-        Ok(OutboxKind::Friend) => Ok(OutboxKind::Friend as u8),
-        _ => Err(invalid(format!("unknown outbox kind {kind}"))),
+/// The stored key an ack names.
+fn ack_key(a: &pb::OutboxAck) -> Res<Vec<u8>> {
+    let source = Id::parse(&a.source_id, "source_id")?;
+    let kind = OutboxKind::try_from(a.kind)
+        .map_err(|_| invalid(format!("unknown outbox kind {}", a.kind)))?;
+    match kind {
+        OutboxKind::Conversation if a.user_id.is_empty() => Ok(keys::outbox_conversation(&source)),
+        OutboxKind::Conversation => Err(invalid("a conversation outbox row names no user")),
+        OutboxKind::Feed | OutboxKind::Friend => {
+            let user = Id::parse(&a.user_id, "user_id")?;
+            Ok(keys::outbox(kind as u8, &source, &user))
+        }
+        OutboxKind::Unspecified => Err(invalid(format!("unknown outbox kind {}", a.kind))),
     }
 }
 
-/// Query `PendingOutbox`: up to `limit` rows after the cursor, in key order.
+/// Every current member's feed update for a `Conversation` row, from the
+/// conversation as it is now (none if the row is gone: nothing to tell).
+fn expand(kv: &dyn KvRead, entry: &pb::OutboxEntry) -> Res<Vec<pb::FeedUpdate>> {
+    let id = Id::stored(&entry.source_id, &keys::outbox_prefix())?;
+    let Some(row) = get::<pb::ConversationRow>(kv, &keys::conversation(&id))? else {
+        return Ok(Vec::new());
+    };
+    let mut updates = Vec::with_capacity(row.members.len());
+    for m in &row.members {
+        updates.push(feed_update(kv, &id, &row, m, false)?);
+    }
+    Ok(updates)
+}
+
+/// Query `PendingOutbox`: the rows after the cursor, in key order, up to
+/// `limit` rows and (past the first row) `limit` feed updates.
 pub(crate) fn pending(kv: &dyn KvRead, q: pb::PendingOutbox) -> Res<R> {
     let lim = page_limit(q.limit)?;
-    let (entries, next_after, has_more) =
-        page_after(kv, &keys::outbox_prefix(), &q.after, lim, "outbox")?;
+    let (entries, next_after, has_more) = page_after_by(
+        kv,
+        &keys::outbox_prefix(),
+        &q.after,
+        lim,
+        "outbox",
+        |mut e: pb::OutboxEntry| {
+            if e.kind == OutboxKind::Conversation as i32 {
+                e.updates = expand(kv, &e)?;
+            }
+            let weight = e.updates.len();
+            Ok((e, weight))
+        },
+    )?;
     Ok(R::Outbox(pb::OutboxBatch {
         entries,
         next_after,
@@ -93,10 +152,7 @@ pub(crate) fn ack(kv: &mut dyn KvWrite, c: pb::AckOutbox) -> Res<R> {
     }
     let mut parsed = Vec::with_capacity(c.entries.len());
     for a in &c.entries {
-        let kind = kind_byte(a.kind)?;
-        let source = Id::parse(&a.source_id, "source_id")?;
-        let user = Id::parse(&a.user_id, "user_id")?;
-        parsed.push((keys::outbox(kind, &source, &user), a.version));
+        parsed.push((ack_key(a)?, a.version));
     }
     let (mut deleted, mut stale) = (0, 0);
     for (key, version) in parsed {
@@ -111,34 +167,60 @@ pub(crate) fn ack(kv: &mut dyn KvWrite, c: pb::AckOutbox) -> Res<R> {
     Ok(R::OutboxAcked(pb::OutboxAcked { deleted, stale }))
 }
 
-/// Groups pending entries into one `ApplyFeedUpdates` per target shard
-/// (`1..=shard_count`), in shard order; entries keep their order within a
-/// shard. Entries without a payload are skipped (nothing to deliver; ack them
-/// anyway).
-pub fn outbox_deliveries(
-    entries: &[pb::OutboxEntry],
-    shard_count: u32,
-) -> Vec<(u32, pb::ApplyFeedUpdates)> {
-    let mut by_shard: BTreeMap<u32, pb::ApplyFeedUpdates> = BTreeMap::new();
-    for e in entries {
-        let shard = shard_of(&outbox_target_route_key(e), shard_count);
-        let batch = by_shard.entry(shard).or_default();
-        match &e.payload {
-            Some(Payload::Feed(u)) => batch.updates.push(u.clone()),
-            Some(Payload::Friend(f)) => batch.friend_updates.push(f.clone()),
-            None => {}
-        }
-    }
-    by_shard
-        .into_iter()
-        .filter(|(_, b)| !(b.updates.is_empty() && b.friend_updates.is_empty()))
-        .collect()
+/// One `ApplyFeedUpdates` for one target shard, and the pending entries
+/// (indexes into what was grouped) with an update in it.
+#[derive(Debug, Default)]
+pub struct Delivery {
+    pub shard: u32,
+    pub updates: pb::ApplyFeedUpdates,
+    pub entries: Vec<usize>,
 }
 
-/// The route key of the shard an entry must be delivered to (its target
-/// user's shard).
-pub fn outbox_target_route_key(entry: &pb::OutboxEntry) -> Vec<u8> {
-    user_route_key(&entry.user_id)
+/// Groups the updates of pending entries by target shard (`1..=shard_count`,
+/// the target user's), in shard order, at most [`MAX_BATCH`] updates per
+/// delivery; updates keep their order within a shard. An entry is done when
+/// every delivery naming it was applied; one with no update at all (a
+/// conversation row that is gone) is in none, and is done at once.
+pub fn outbox_deliveries(entries: &[pb::OutboxEntry], shard_count: u32) -> Vec<Delivery> {
+    let mut by_shard: BTreeMap<u32, Vec<Delivery>> = BTreeMap::new();
+    for (i, e) in entries.iter().enumerate() {
+        let feeds = match &e.payload {
+            Some(Payload::Feed(u)) => std::slice::from_ref(u),
+            _ => e.updates.as_slice(),
+        };
+        let friend = match &e.payload {
+            Some(Payload::Friend(f)) => Some(f),
+            _ => None,
+        };
+        let targets = feeds
+            .iter()
+            .map(|u| (&u.user_id, Some(u), None))
+            .chain(friend.map(|f| (&f.user_id, None, Some(f))));
+        for (user, feed, friend) in targets {
+            let shard = shard_of(&user_route_key(user), shard_count);
+            let list = by_shard.entry(shard).or_default();
+            let full = list.last().is_none_or(|d| {
+                d.updates.updates.len() + d.updates.friend_updates.len() >= MAX_BATCH
+            });
+            if full {
+                list.push(Delivery {
+                    shard,
+                    ..Default::default()
+                });
+            }
+            let Some(d) = list.last_mut() else { continue };
+            if let Some(u) = feed {
+                d.updates.updates.push(u.clone());
+            }
+            if let Some(f) = friend {
+                d.updates.friend_updates.push(f.clone());
+            }
+            if d.entries.last() != Some(&i) {
+                d.entries.push(i);
+            }
+        }
+    }
+    by_shard.into_values().flatten().collect()
 }
 
 /// The `AckOutbox` that retires exactly these entries (each at the version

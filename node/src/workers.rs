@@ -33,7 +33,7 @@
 //!   router from 2.2–2.7 to 1.9–2.1 ms, and 16 clients gained in two of
 //!   three.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -48,7 +48,7 @@ use crate::api::{now_ms, stamp_query, Stamper};
 use crate::events::Events;
 use crate::remote::Remote;
 
-/// Outbox rows read per query.
+/// Outbox rows read per query (and, past the first row, feed updates).
 const OUTBOX_BATCH: u32 = 256;
 /// Acks wait at most this long...
 const ACK_DELAY: Duration = Duration::from_millis(200);
@@ -229,9 +229,13 @@ impl ShardWorker {
                 pb::response::R::Outbox(b) => b,
                 other => return Err(anyhow!("unexpected outbox answer {other:?}")),
             };
-            let fresh: Vec<&pb::OutboxEntry> = batch
-                .entries
-                .iter()
+            let pb::OutboxBatch {
+                entries,
+                next_after,
+                has_more,
+            } = batch;
+            let fresh: Vec<pb::OutboxEntry> = entries
+                .into_iter()
                 .filter(|e| {
                     self.delivered
                         .get(&(e.kind, e.source_id.clone(), e.user_id.clone()))
@@ -246,59 +250,67 @@ impl ShardWorker {
                 self.deliver_batch(&fresh, count).await;
                 any = true;
             }
-            if !batch.has_more {
+            if !has_more {
                 return Ok(any);
             }
-            after = batch.next_after;
+            after = next_after;
         }
     }
 
-    async fn deliver_batch(&mut self, entries: &[&pb::OutboxEntry], shard_count: u32) {
-        // One ApplyFeedUpdates per target shard.
-        let mut per_target: BTreeMap<u32, (pb::ApplyFeedUpdates, Vec<&pb::OutboxEntry>)> =
-            BTreeMap::new();
-        for e in entries {
-            let target =
-                natter_model::shard_of(&natter_model::outbox_target_route_key(e), shard_count);
-            let slot = per_target.entry(target).or_default();
-            match &e.payload {
-                Some(pb::outbox_entry::Payload::Feed(f)) => slot.0.updates.push(f.clone()),
-                Some(pb::outbox_entry::Payload::Friend(f)) => slot.0.friend_updates.push(f.clone()),
-                None => {}
-            }
-            slot.1.push(e);
-        }
-        for (target, (updates, rows)) in per_target {
+    async fn deliver_batch(&mut self, entries: &[pb::OutboxEntry], shard_count: u32) {
+        // An entry is acked once every delivery carrying its updates was
+        // applied (one with nothing to deliver at once).
+        let mut failed = vec![false; entries.len()];
+        for d in natter_model::outbox_deliveries(entries, shard_count) {
+            let target = d.shard;
             let res = self
                 .remote
-                .propose(target, &command(pb::command::Op::ApplyFeedUpdates(updates)))
+                .propose(
+                    target,
+                    &command(pb::command::Op::ApplyFeedUpdates(d.updates)),
+                )
                 .await;
-            match res.and_then(|raw| decode_response(&raw)) {
-                Ok(pb::response::R::FeedApplied(_)) => {
-                    for e in rows {
-                        self.delivered
-                            .insert((e.kind, e.source_id.clone(), e.user_id.clone()), e.version);
-                        self.acks.push(pb::OutboxAck {
-                            kind: e.kind,
-                            source_id: e.source_id.clone(),
-                            user_id: e.user_id.clone(),
-                            version: e.version,
-                        });
-                    }
-                    self.acks_since.get_or_insert_with(Instant::now);
+            let ok = match res.and_then(|raw| decode_response(&raw)) {
+                Ok(pb::response::R::FeedApplied(_)) => true,
+                Ok(other) => {
+                    tracing::warn!(
+                        shard = self.shard,
+                        target,
+                        "feed shard refused updates: {other:?}"
+                    );
+                    false
                 }
-                Ok(other) => tracing::warn!(
-                    shard = self.shard,
-                    target,
-                    "feed shard refused updates: {other:?}"
-                ),
                 // Retried on a later round; the rows stay in the outbox.
-                Err(e) => tracing::debug!(
-                    shard = self.shard,
-                    target,
-                    "fan-out to shard {target} failed: {e:#}"
-                ),
+                Err(e) => {
+                    tracing::debug!(
+                        shard = self.shard,
+                        target,
+                        "fan-out to shard {target} failed: {e:#}"
+                    );
+                    false
+                }
+            };
+            if !ok {
+                for i in d.entries {
+                    if let Some(f) = failed.get_mut(i) {
+                        *f = true;
+                    }
+                }
             }
+        }
+        for (e, failed) in entries.iter().zip(failed) {
+            if failed {
+                continue;
+            }
+            self.delivered
+                .insert((e.kind, e.source_id.clone(), e.user_id.clone()), e.version);
+            self.acks.push(pb::OutboxAck {
+                kind: e.kind,
+                source_id: e.source_id.clone(),
+                user_id: e.user_id.clone(),
+                version: e.version,
+            });
+            self.acks_since.get_or_insert_with(Instant::now);
         }
     }
 }

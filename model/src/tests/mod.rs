@@ -187,11 +187,12 @@ impl World {
         if batch.entries.is_empty() {
             return false;
         }
-        for (target, mut updates) in outbox_deliveries(&batch.entries, self.count()) {
+        for d in outbox_deliveries(&batch.entries, self.count()) {
+            let mut updates = d.updates;
             updates.online_user_ids = self.online.clone();
             updates.notifications_off = self.notifications_off;
             want!(
-                self.exec_on(target as usize - 1, Op::ApplyFeedUpdates(updates)),
+                self.exec_on(d.shard as usize - 1, Op::ApplyFeedUpdates(updates)),
                 FeedApplied
             );
         }

@@ -385,9 +385,9 @@ fn run(w: &mut World, a: &Action, counter: &mut u64, runs: &mut Runs) {
                     ),
                     Outbox
                 );
-                for (target, updates) in outbox_deliveries(&batch.entries, w.shards.len() as u32) {
+                for d in outbox_deliveries(&batch.entries, w.shards.len() as u32) {
                     want!(
-                        w.exec_on(target as usize - 1, Op::ApplyFeedUpdates(updates)),
+                        w.exec_on(d.shard as usize - 1, Op::ApplyFeedUpdates(d.updates)),
                         FeedApplied
                     );
                 }

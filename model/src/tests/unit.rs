@@ -866,6 +866,13 @@ fn retention_caps_the_ttl_and_a_longer_policy_does_not_revive() {
 // Outbox
 // ---------------------------------------------------------------------------
 
+fn pending_on(w: &World, shard: usize, limit: u32, after: Vec<u8>) -> pb::OutboxBatch {
+    want!(
+        w.ask_on(shard, Q::PendingOutbox(pb::PendingOutbox { limit, after })),
+        Outbox
+    )
+}
+
 #[test]
 fn the_outbox_coalesces_and_stale_acks_keep_newer_updates() {
     let mut w = World::new(1);
@@ -873,35 +880,31 @@ fn the_outbox_coalesces_and_stale_acks_keep_newer_updates() {
     let g = w.group(0, &a, &[&b, &c], 0);
     w.send(&g, &a, "1");
     w.send(&g, &b, "2");
-    let pending = |w: &World| {
-        want!(
-            w.ask_on(
-                0,
-                Q::PendingOutbox(pb::PendingOutbox {
-                    limit: 0,
-                    after: Vec::new()
-                })
-            ),
-            Outbox
-        )
-    };
-    let first = pending(&w);
-    assert_eq!(first.entries.len(), 3, "one pending row per member");
-    let version = first.entries[0].version;
-    assert!(first.entries.iter().all(|e| e.version == version));
-    // Another change before the ack: the old ack is stale for all three.
+    let first = pending_on(&w, 0, 0, Vec::new());
+    assert_eq!(
+        first.entries.len(),
+        1,
+        "one pending row for the conversation"
+    );
+    let row = &first.entries[0];
+    assert_eq!(row.kind, pb::OutboxKind::Conversation as i32);
+    assert_eq!(row.updates.len(), 3, "an update per member");
+    let version = row.version;
+    assert!(row.updates.iter().all(|u| u.version == version));
+    // Another change before the ack: the old ack is stale.
     w.send(&g, &c, "3");
     let acked = want!(
         w.exec_on(0, Op::AckOutbox(outbox_ack(&first.entries))),
         OutboxAcked
     );
-    assert_eq!((acked.deleted, acked.stale), (0, 3));
+    assert_eq!((acked.deleted, acked.stale), (0, 1));
     // Delivering the stale batch late is harmless; the newer one wins.
-    let second = pending(&w);
+    let second = pending_on(&w, 0, 0, Vec::new());
     assert!(second.entries.iter().all(|e| e.version > version));
-    for (s, batch) in outbox_deliveries(&second.entries, 1) {
+    for d in outbox_deliveries(&second.entries, 1) {
+        assert_eq!(d.entries, vec![0]);
         let r = want!(
-            w.exec_on(s as usize - 1, Op::ApplyFeedUpdates(batch)),
+            w.exec_on(d.shard as usize - 1, Op::ApplyFeedUpdates(d.updates)),
             FeedApplied
         );
         // Each changed feed is named with its version after the command:
@@ -919,9 +922,9 @@ fn the_outbox_coalesces_and_stale_acks_keep_newer_updates() {
             assert_eq!(page.token, f.version, "feed version of {}", f.user_id);
         }
     }
-    for (s, batch) in outbox_deliveries(&first.entries, 1) {
+    for d in outbox_deliveries(&first.entries, 1) {
         let r = want!(
-            w.exec_on(s as usize - 1, Op::ApplyFeedUpdates(batch)),
+            w.exec_on(d.shard as usize - 1, Op::ApplyFeedUpdates(d.updates)),
             FeedApplied
         );
         assert_eq!((r.applied, r.ignored), (0, 3));
@@ -931,33 +934,65 @@ fn the_outbox_coalesces_and_stale_acks_keep_newer_updates() {
         w.exec_on(0, Op::AckOutbox(outbox_ack(&second.entries))),
         OutboxAcked
     );
-    assert_eq!((acked.deleted, acked.stale), (3, 0));
-    assert!(pending(&w).entries.is_empty());
+    assert_eq!((acked.deleted, acked.stale), (1, 0));
+    assert!(pending_on(&w, 0, 0, Vec::new()).entries.is_empty());
     assert_eq!(
         feed_row(&w, &a, &g).expect("row").preview.map(|p| p.text),
         Some("3".into())
     );
+    // An ack of a conversation row names no user.
+    let mut bad = outbox_ack(&second.entries);
+    bad.entries[0].user_id = a.clone();
+    assert_eq!(
+        code(&w.exec_on(0, Op::AckOutbox(bad))),
+        ErrorCode::InvalidArgument
+    );
+}
+
+/// A change every member sees writes one outbox row, however many members;
+/// a change for one member writes that member's row.
+#[test]
+fn a_group_change_writes_one_outbox_row_and_a_read_mark_one_per_reader() {
+    let mut w = World::new(1);
+    let members: Vec<String> = (1..200).map(uid).collect();
+    let refs: Vec<&str> = members.iter().map(String::as_str).collect();
+    let g = w.group(0, &uid(0), &refs, 0);
+    w.deliver();
+    w.send(&g, &uid(0), "hello");
+    let b = pending_on(&w, 0, 500, Vec::new());
+    assert_eq!(b.entries.len(), 1);
+    assert_eq!(b.entries[0].updates.len(), 200);
+    w.deliver();
+    w.exec(Op::MarkRead(pb::MarkRead {
+        conversation_id: g.clone(),
+        user_id: uid(1),
+        seq: 1,
+    }));
+    let b = pending_on(&w, 0, 500, Vec::new());
+    assert_eq!(b.entries.len(), 1);
+    assert_eq!(b.entries[0].kind, pb::OutboxKind::Feed as i32);
+    assert_eq!(b.entries[0].user_id, uid(1));
+    assert!(b.entries[0].updates.is_empty());
 }
 
 #[test]
-fn outbox_pages_with_a_cursor_and_groups_by_shard() {
-    let mut w = World::new(4);
-    let members: Vec<String> = (1..20).map(uid).collect();
-    let refs: Vec<&str> = members.iter().map(String::as_str).collect();
-    let g = w.group(0, &uid(0), &refs, 0);
-    let shard = w.shard_for(&crate::conversation_route_key(&g));
-    let mut after = Vec::new();
-    let mut seen = Vec::new();
+fn outbox_pages_with_a_cursor_by_rows_and_updates() {
+    let mut w = World::new(1);
+    // Five conversations of two members: five rows of two updates each.
+    for i in 0..5 {
+        w.group(i, &uid(0), &[&uid(i + 1)], 0);
+    }
+    let big: Vec<String> = (10..30).map(uid).collect();
+    let refs: Vec<&str> = big.iter().map(String::as_str).collect();
+    w.group(9, &uid(0), &refs, 0);
+    let (mut after, mut seen, mut pages) = (Vec::new(), Vec::new(), Vec::new());
     loop {
-        let b = want!(
-            w.ask_on(
-                shard,
-                Q::PendingOutbox(pb::PendingOutbox {
-                    limit: 7,
-                    after: after.clone()
-                })
-            ),
-            Outbox
+        let b = pending_on(&w, 0, 3, after.clone());
+        pages.push(
+            b.entries
+                .iter()
+                .map(|e| e.updates.len())
+                .collect::<Vec<_>>(),
         );
         seen.extend(b.entries.clone());
         if !b.has_more {
@@ -965,23 +1000,67 @@ fn outbox_pages_with_a_cursor_and_groups_by_shard() {
         }
         after = b.next_after;
     }
-    assert_eq!(seen.len(), 20);
-    let deliveries = outbox_deliveries(&seen, 4);
-    let total: usize = deliveries.iter().map(|(_, b)| b.updates.len()).sum();
-    assert_eq!(total, 20);
-    for (s, b) in &deliveries {
-        for u in &b.updates {
-            assert_eq!(crate::shard_of(&crate::user_route_key(&u.user_id), 4), *s);
-        }
-    }
+    // A page ends once 3 updates are in; a row of 21 goes alone.
+    let mut sizes: Vec<usize> = pages.iter().flatten().copied().collect();
+    sizes.sort_unstable();
+    assert_eq!(sizes, vec![2, 2, 2, 2, 2, 21]);
+    assert!(pages
+        .iter()
+        .all(|p| { p.len() == 1 || p.iter().take(p.len() - 1).sum::<usize>() < 3 }));
+    let mut sources: Vec<&str> = seen.iter().map(|e| e.source_id.as_str()).collect();
+    sources.sort_unstable();
+    sources.dedup();
+    assert_eq!(sources.len(), 6, "every row once");
     let bad = w.ask_on(
-        shard,
+        0,
         Q::PendingOutbox(pb::PendingOutbox {
             limit: 7,
             after: vec![0],
         }),
     );
     assert_eq!(code(&bad), ErrorCode::InvalidArgument);
+}
+
+#[test]
+fn outbox_deliveries_group_by_shard_and_split_at_the_batch_limit() {
+    let mut w = World::new(4);
+    let members: Vec<String> = (1..20).map(uid).collect();
+    let refs: Vec<&str> = members.iter().map(String::as_str).collect();
+    let g = w.group(0, &uid(0), &refs, 0);
+    let shard = w.shard_for(&crate::conversation_route_key(&g));
+    let b = pending_on(&w, shard, 500, Vec::new());
+    assert_eq!(b.entries.len(), 1);
+    let deliveries = outbox_deliveries(&b.entries, 4);
+    let total: usize = deliveries.iter().map(|d| d.updates.updates.len()).sum();
+    assert_eq!(total, 20);
+    for d in &deliveries {
+        assert_eq!(d.entries, vec![0]);
+        for u in &d.updates.updates {
+            assert_eq!(
+                crate::shard_of(&crate::user_route_key(&u.user_id), 4),
+                d.shard
+            );
+        }
+    }
+    // More updates for one shard than one command may carry: several
+    // deliveries, each within the limit, each naming the row.
+    let many = pb::OutboxEntry {
+        kind: pb::OutboxKind::Conversation as i32,
+        source_id: g.clone(),
+        version: 1,
+        updates: (0..2_500)
+            .map(|i| pb::FeedUpdate {
+                user_id: uid(i),
+                ..Default::default()
+            })
+            .collect(),
+        ..Default::default()
+    };
+    let split = outbox_deliveries(&[b.entries[0].clone(), many], 1);
+    let sizes: Vec<usize> = split.iter().map(|d| d.updates.updates.len()).collect();
+    assert_eq!(sizes, vec![1_000, 1_000, 520]);
+    assert_eq!(split[0].entries, vec![0, 1]);
+    assert_eq!(split[2].entries, vec![1]);
 }
 
 // ---------------------------------------------------------------------------
