@@ -26,7 +26,7 @@
 //!
 //! On failure the worker simply doesn't ack; redelivery is harmless.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 
 use natter_kv::{KvRead, KvWrite};
 
@@ -121,9 +121,20 @@ fn expand(kv: &dyn KvRead, entry: &pb::OutboxEntry) -> Res<Vec<pb::FeedUpdate>> 
 }
 
 /// Query `PendingOutbox`: the rows after the cursor, in key order, up to
-/// `limit` rows and (past the first row) `limit` feed updates.
+/// `limit` rows and (past the first row) `limit` feed updates; a
+/// conversation row the caller already delivered at its version is not
+/// expanded.
 pub(crate) fn pending(kv: &dyn KvRead, q: pb::PendingOutbox) -> Res<R> {
     let lim = page_limit(q.limit)?;
+    if q.delivered.len() > MAX_BATCH {
+        return Err(limit(format!("more than {MAX_BATCH} delivered rows")));
+    }
+    let delivered: HashSet<(&str, u64)> = q
+        .delivered
+        .iter()
+        .filter(|a| a.kind == OutboxKind::Conversation as i32)
+        .map(|a| (a.source_id.as_str(), a.version))
+        .collect();
     let (entries, next_after, has_more) = page_after_by(
         kv,
         &keys::outbox_prefix(),
@@ -131,7 +142,9 @@ pub(crate) fn pending(kv: &dyn KvRead, q: pb::PendingOutbox) -> Res<R> {
         lim,
         "outbox",
         |mut e: pb::OutboxEntry| {
-            if e.kind == OutboxKind::Conversation as i32 {
+            if e.kind == OutboxKind::Conversation as i32
+                && !delivered.contains(&(e.source_id.as_str(), e.version))
+            {
                 e.updates = expand(kv, &e)?;
             }
             let weight = e.updates.len();

@@ -220,10 +220,25 @@ impl ShardWorker {
         let mut any = false;
         let mut after = Vec::new();
         let mut shard_count = None;
+        // Conversation rows delivered and not yet acked: the query need not
+        // compute their members' updates again.
+        let delivered: Vec<pb::OutboxAck> = self
+            .delivered
+            .iter()
+            .filter(|((kind, _, _), _)| *kind == pb::OutboxKind::Conversation as i32)
+            .take(natter_model::MAX_BATCH)
+            .map(|((kind, source_id, user_id), version)| pb::OutboxAck {
+                kind: *kind,
+                source_id: source_id.clone(),
+                user_id: user_id.clone(),
+                version: *version,
+            })
+            .collect();
         loop {
             let q = pb::query::Q::PendingOutbox(pb::PendingOutbox {
                 limit: OUTBOX_BATCH,
                 after: after.clone(),
+                delivered: delivered.clone(),
             });
             let batch = match self.query(q).await? {
                 pb::response::R::Outbox(b) => b,

@@ -330,7 +330,7 @@ async fn feeds_converge_when_a_feed_shard_leader_is_killed_mid_fan_out() {
         now_ms: 0,
         q: Some(Q::PendingOutbox(pb::PendingOutbox {
             limit: 10,
-            after: vec![],
+            ..Default::default()
         })),
     };
     let deadline = Instant::now() + Duration::from_secs(30);

@@ -179,7 +179,7 @@ impl World {
                 shard,
                 Q::PendingOutbox(pb::PendingOutbox {
                     limit,
-                    after: Vec::new()
+                    ..Default::default()
                 })
             ),
             Outbox

@@ -380,7 +380,7 @@ fn run(w: &mut World, a: &Action, counter: &mut u64, runs: &mut Runs) {
                         shard % w.shards.len(),
                         Q::PendingOutbox(pb::PendingOutbox {
                             limit,
-                            after: Vec::new()
+                            ..Default::default()
                         })
                     ),
                     Outbox

@@ -868,7 +868,14 @@ fn retention_caps_the_ttl_and_a_longer_policy_does_not_revive() {
 
 fn pending_on(w: &World, shard: usize, limit: u32, after: Vec<u8>) -> pb::OutboxBatch {
     want!(
-        w.ask_on(shard, Q::PendingOutbox(pb::PendingOutbox { limit, after })),
+        w.ask_on(
+            shard,
+            Q::PendingOutbox(pb::PendingOutbox {
+                limit,
+                after,
+                ..Default::default()
+            })
+        ),
         Outbox
     )
 }
@@ -949,6 +956,34 @@ fn the_outbox_coalesces_and_stale_acks_keep_newer_updates() {
     );
 }
 
+/// The worker says which conversation rows it delivered (and has not acked
+/// yet): a row still at that version comes back without its updates, one
+/// changed since with them.
+#[test]
+fn a_delivered_conversation_row_is_not_expanded_again_until_it_changes() {
+    let mut w = World::new(1);
+    let (a, b, c, _) = users();
+    let g = w.group(0, &a, &[&b, &c], 0);
+    w.send(&g, &a, "1");
+    let first = pending_on(&w, 0, 0, Vec::new());
+    let hint = |batch: &pb::OutboxBatch| pb::PendingOutbox {
+        delivered: outbox_ack(&batch.entries).entries,
+        ..Default::default()
+    };
+    let again = want!(w.ask_on(0, Q::PendingOutbox(hint(&first))), Outbox);
+    assert_eq!(again.entries.len(), 1);
+    assert!(again.entries[0].updates.is_empty(), "not computed again");
+    w.send(&g, &b, "2");
+    let changed = want!(w.ask_on(0, Q::PendingOutbox(hint(&first))), Outbox);
+    assert_eq!(changed.entries[0].updates.len(), 3, "a newer version is");
+    let mut too_many = hint(&first);
+    too_many.delivered = vec![too_many.delivered[0].clone(); crate::MAX_BATCH + 1];
+    assert_eq!(
+        code(&w.ask_on(0, Q::PendingOutbox(too_many))),
+        ErrorCode::LimitExceeded
+    );
+}
+
 /// A change every member sees writes one outbox row, however many members;
 /// a change for one member writes that member's row.
 #[test]
@@ -1016,6 +1051,7 @@ fn outbox_pages_with_a_cursor_by_rows_and_updates() {
         Q::PendingOutbox(pb::PendingOutbox {
             limit: 7,
             after: vec![0],
+            ..Default::default()
         }),
     );
     assert_eq!(code(&bad), ErrorCode::InvalidArgument);
