@@ -221,7 +221,11 @@ impl ShardWorker {
         let mut after = Vec::new();
         let mut shard_count = None;
         // Conversation rows delivered and not yet acked: the query need not
-        // compute their members' updates again.
+        // compute their members' updates again. It answers them without
+        // updates, and `fresh` below drops them (entries are only added to
+        // `delivered` during this call, so it covers every row named here):
+        // a row without updates must never reach `deliver_batch`, which
+        // would ack it as having nothing to deliver.
         let delivered: Vec<pb::OutboxAck> = self
             .delivered
             .iter()
