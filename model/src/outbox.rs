@@ -201,39 +201,41 @@ pub fn outbox_deliveries(entries: &[pb::OutboxEntry], shard_count: u32) -> Vec<D
             Some(Payload::Feed(u)) => std::slice::from_ref(u),
             _ => e.updates.as_slice(),
         };
-        let friend = match &e.payload {
-            Some(Payload::Friend(f)) => Some(f),
-            _ => None,
-        };
-        let targets = feeds
-            .iter()
-            .map(|u| (&u.user_id, Some(u), None))
-            .chain(friend.map(|f| (&f.user_id, None, Some(f))));
-        for (user, feed, friend) in targets {
-            let shard = shard_of(&user_route_key(user), shard_count);
-            let list = by_shard.entry(shard).or_default();
-            let full = list.last().is_none_or(|d| {
-                d.updates.updates.len() + d.updates.friend_updates.len() >= MAX_BATCH
-            });
-            if full {
-                list.push(Delivery {
-                    shard,
-                    ..Default::default()
-                });
-            }
-            let Some(d) = list.last_mut() else { continue };
-            if let Some(u) = feed {
-                d.updates.updates.push(u.clone());
-            }
-            if let Some(f) = friend {
-                d.updates.friend_updates.push(f.clone());
-            }
-            if d.entries.last() != Some(&i) {
-                d.entries.push(i);
-            }
+        for u in feeds {
+            let d = delivery_for(&mut by_shard, &u.user_id, shard_count, i);
+            d.updates.updates.push(u.clone());
+        }
+        if let Some(Payload::Friend(f)) = &e.payload {
+            let d = delivery_for(&mut by_shard, &f.user_id, shard_count, i);
+            d.updates.friend_updates.push(f.clone());
         }
     }
     by_shard.into_values().flatten().collect()
+}
+
+/// The delivery to `user`'s shard that the next update of entry `i` goes
+/// into: the shard's last one, or a new one when that is full.
+fn delivery_for<'a>(
+    by_shard: &'a mut BTreeMap<u32, Vec<Delivery>>,
+    user: &str,
+    shard_count: u32,
+    i: usize,
+) -> &'a mut Delivery {
+    let shard = shard_of(&user_route_key(user), shard_count);
+    let list = by_shard.entry(shard).or_default();
+    let full = |d: &Delivery| d.updates.updates.len() + d.updates.friend_updates.len() >= MAX_BATCH;
+    if list.last().is_none_or(full) {
+        list.push(Delivery {
+            shard,
+            ..Default::default()
+        });
+    }
+    let n = list.len() - 1;
+    let d = &mut list[n];
+    if d.entries.last() != Some(&i) {
+        d.entries.push(i);
+    }
+    d
 }
 
 /// The `AckOutbox` that retires exactly these entries (each at the version

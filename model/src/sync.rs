@@ -19,8 +19,9 @@
 //! read mark) changed after it (`members_complete = false`), which the
 //! client merges into the list it holds — else a message in a group of N
 //! would send N members to each of N devices. The metadata's place is the
-//! newest (the row's version), so it comes in the last page; a page whose range would hold a
-//! member change ends just before it and carries the metadata too.
+//! newest (the row's version), so it comes in the last page; a page whose
+//! range would hold a member change ends just before it and carries the
+//! metadata too.
 //!
 //! **From a send's result** ([`sends_delta`]): a send answers with the
 //! conversation row after it (up to `MAX_PUSHED_ROW_MEMBERS` members, i.e.
