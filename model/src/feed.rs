@@ -110,14 +110,17 @@ pub(crate) fn apply_updates(kv: &mut dyn KvWrite, now: u64, c: pb::ApplyFeedUpda
             ignored += 1;
             continue;
         }
-        let e = pb::FeedEntry {
+        let mut e = pb::FeedEntry {
             conversation: Some(u),
             muted: old.as_ref().is_some_and(|o| o.muted),
             archived: old.as_ref().is_some_and(|o| o.archived),
             feed_version: 0,
+            notification_pending: None,
         };
+        let pending =
+            crate::notify::on_feed_update(kv, now, &user, &conv, old.as_ref(), &e, quiet)?;
+        e.notification_pending = Some(pending);
         let e = write_entry(kv, &user, &conv, e, old.as_ref())?;
-        crate::notify::on_feed_update(kv, now, &user, &conv, old.as_ref(), &e, quiet)?;
         versions.insert(user.to_string(), e.feed_version);
         applied += 1;
     }
@@ -153,16 +156,25 @@ pub(crate) fn set_flags(kv: &mut dyn KvWrite, c: pb::SetFeedFlags) -> Res<R> {
         e.archived = a;
     }
     if e == old {
-        return Ok(R::FeedEntry(old));
+        return Ok(R::FeedEntry(internal_cleared(old)));
     }
     if e.muted {
         crate::notify::withdraw(kv, &user, &conv)?;
+        e.notification_pending = Some(false);
     }
-    Ok(R::FeedEntry(write_entry(kv, &user, &conv, e, Some(&old))?))
+    let e = write_entry(kv, &user, &conv, e, Some(&old))?;
+    Ok(R::FeedEntry(internal_cleared(e)))
+}
+
+/// The row without what only its shard uses.
+fn internal_cleared(mut e: pb::FeedEntry) -> pb::FeedEntry {
+    e.notification_pending = None;
+    e
 }
 
 /// The row as served at `now`.
-fn served(mut e: pb::FeedEntry, now: u64) -> pb::FeedEntry {
+fn served(e: pb::FeedEntry, now: u64) -> pb::FeedEntry {
+    let mut e = internal_cleared(e);
     if let Some(c) = e.conversation.as_mut() {
         if c.preview
             .as_ref()

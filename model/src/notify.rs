@@ -17,6 +17,8 @@
 //!   can't enqueue twice; the id is UUID v5 of the same triple. A newer
 //!   message of a conversation replaces the user's pending older row of it:
 //!   at most one row per (user, conversation), like the feed itself.
+//!   The feed row says when none can be pending (`notification_pending`
+//!   false), so the next update doesn't look for one.
 //! * The node's notifier drains them (`PendingNotifications`, then
 //!   `AckNotifications` after a delivery or a drop).
 //! * `RecordLastSeen` stores the command's time as the user's last seen
@@ -45,11 +47,13 @@ fn allowed(kv: &dyn KvRead, user: &Id, kind: i32) -> Res<bool> {
     })
 }
 
-/// Called for every feed row `ApplyFeedUpdates` writes: enqueues a
-/// notification when the update brings a new message the user should hear
-/// about (see the module docs), unless `quiet` (the user was online when
-/// the leader proposed the update, or it has no webhook). A pending older
-/// row is withdrawn either way when the update supersedes it.
+/// Called for every feed row `ApplyFeedUpdates` writes, before it is
+/// written: enqueues a notification when the update brings a new message
+/// the user should hear about (see the module docs), unless `quiet` (the
+/// user was online when the leader proposed the update, or it has no
+/// webhook). A pending older row is withdrawn either way when the update
+/// supersedes it. Returns whether a row of this conversation may now be
+/// pending, for the feed row's `notification_pending`.
 pub(crate) fn on_feed_update(
     kv: &mut dyn KvWrite,
     now: u64,
@@ -58,9 +62,9 @@ pub(crate) fn on_feed_update(
     old: Option<&pb::FeedEntry>,
     new: &pb::FeedEntry,
     quiet: bool,
-) -> Res<()> {
+) -> Res<bool> {
     let Some(u) = &new.conversation else {
-        return Ok(());
+        return Ok(old.is_some_and(|o| o.notification_pending != Some(false)));
     };
     let visible = !(u.hidden || u.removed || u.deleted);
     let preview_seq = u.preview.as_ref().map(|p| p.seq);
@@ -71,23 +75,30 @@ pub(crate) fn on_feed_update(
     // the feed row shows, so the old row's preview names the only candidate:
     // a point lookup, where a scan of the prefix would step over the
     // tombstone of every predecessor (one per message) until compaction.
+    // And none at all when the old row says nothing can be pending, the
+    // usual case (the user was online, or there is no webhook): the lookup
+    // would miss.
     let old_seq = old
+        .filter(|o| o.notification_pending != Some(false))
         .and_then(|o| o.conversation.as_ref())
         .and_then(|c| c.preview.as_ref())
         .map(|p| p.seq);
+    let mut kept = false;
     if let Some(seq) = old_seq {
         let k = keys::notification(user, conv, seq);
         if let Some(n) = get::<pb::Notification>(&*kv, &k)? {
             if !visible || new.muted || n.seq <= u.last_read_seq || preview_seq != Some(n.seq) {
                 kv.delete(&k);
+            } else {
+                kept = true;
             }
         }
     }
     let Some(p) = &u.preview else {
-        return Ok(());
+        return Ok(kept);
     };
     if quiet {
-        return Ok(());
+        return Ok(kept);
     }
     let old_last = old
         .and_then(|o| o.conversation.as_ref())
@@ -95,10 +106,10 @@ pub(crate) fn on_feed_update(
     let fresh = p.seq > old_last && p.seq > u.last_read_seq && u.unread_count > 0;
     let expired = p.expires_at_ms != 0 && p.expires_at_ms <= now;
     if !fresh || !visible || expired || new.muted || p.sender_id == u.user_id {
-        return Ok(());
+        return Ok(kept);
     }
     if !allowed(&*kv, user, u.kind)? {
-        return Ok(());
+        return Ok(kept);
     }
     let n = pb::Notification {
         id: notification_id(*user, *conv, p.seq),
@@ -113,7 +124,7 @@ pub(crate) fn on_feed_update(
         enqueued_at_ms: now,
     };
     put(kv, &keys::notification(user, conv, p.seq), &n);
-    Ok(())
+    Ok(true)
 }
 
 /// Deletes the user's pending notifications of a conversation (it was

@@ -101,8 +101,16 @@ impl World {
             let user = crate::ids::Id::parse(&n.user_id, "user").expect("user id");
             let conv =
                 crate::ids::Id::parse(&n.conversation_id, "conversation").expect("conversation id");
-            let shown = crate::codec::get::<pb::FeedEntry>(kv, &crate::keys::feed(&user, &conv))
-                .expect("feed row")
+            let row = crate::codec::get::<pb::FeedEntry>(kv, &crate::keys::feed(&user, &conv))
+                .expect("feed row");
+            // ...and its row doesn't say none is (the next update would
+            // not look for it).
+            assert_ne!(
+                row.as_ref().and_then(|e| e.notification_pending),
+                Some(false),
+                "pending notification behind a row that says none is pending"
+            );
+            let shown = row
                 .and_then(|e| e.conversation)
                 .and_then(|c| c.preview)
                 .map(|p| p.seq);

@@ -200,6 +200,71 @@ fn no_notification_for_a_user_the_leader_saw_online_or_without_a_webhook() {
     assert_eq!(row.preview.map(|p| p.text), Some("no webhook".into()));
 }
 
+/// Bob's stored feed row of `d`, as his shard holds it.
+fn stored_row(w: &World, b: &str, d: &str) -> pb::FeedEntry {
+    let (user, conv) = (
+        crate::ids::Id::parse(b, "b").unwrap(),
+        crate::ids::Id::parse(d, "d").unwrap(),
+    );
+    let kv = &w.shards[w.shard_for(&crate::user_route_key(b))];
+    crate::codec::get::<pb::FeedEntry>(kv, &crate::keys::feed(&user, &conv))
+        .unwrap()
+        .expect("bob's feed row")
+}
+
+#[test]
+fn a_feed_row_says_whether_a_notification_may_be_pending_and_answers_never_do() {
+    let (mut w, a, b, d) = pair();
+    w.send(&d, &a, "queued");
+    w.deliver();
+    assert_eq!(pending(&w, &b).len(), 1);
+    assert_eq!(stored_row(&w, &b, &d).notification_pending, Some(true));
+    // Bob online: the newer message withdraws it, and the row says none is
+    // pending (so the next update does not look for one).
+    w.online = vec![b.clone()];
+    w.send(&d, &a, "live");
+    w.deliver();
+    assert!(pending(&w, &b).is_empty());
+    assert_eq!(stored_row(&w, &b, &d).notification_pending, Some(false));
+    // Served rows and the flags' answer never carry it.
+    let (feed, _) = w.full_feed(&b, 0);
+    assert!(feed.iter().all(|e| e.notification_pending.is_none()));
+    let muted = want!(
+        w.exec(Op::SetFeedFlags(pb::SetFeedFlags {
+            user_id: b.clone(),
+            conversation_id: d.clone(),
+            muted: Some(true),
+            archived: None,
+        })),
+        FeedEntry
+    );
+    assert_eq!(muted.notification_pending, None);
+    assert_eq!(stored_row(&w, &b, &d).notification_pending, Some(false));
+
+    // A row written before the flag existed (unset) is looked behind: its
+    // pending notification is still withdrawn by the next update.
+    mute(&mut w, &b, &d, false);
+    w.online.clear();
+    w.send(&d, &a, "queued again");
+    w.deliver();
+    assert_eq!(pending(&w, &b).len(), 1);
+    let mut legacy = stored_row(&w, &b, &d);
+    legacy.notification_pending = None;
+    let shard = w.shard_for(&crate::user_route_key(&b));
+    let key = crate::keys::feed(
+        &crate::ids::Id::parse(&b, "b").unwrap(),
+        &crate::ids::Id::parse(&d, "d").unwrap(),
+    );
+    crate::codec::put(&mut w.shards[shard], &key, &legacy);
+    w.online = vec![b.clone()];
+    w.send(&d, &a, "seen live");
+    w.deliver();
+    assert!(
+        pending(&w, &b).is_empty(),
+        "a legacy row's notification stayed"
+    );
+}
+
 #[test]
 fn too_many_online_users_in_a_feed_update_are_refused() {
     let (mut w, _a, b, _d) = pair();
