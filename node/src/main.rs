@@ -3,8 +3,9 @@
 use anyhow::Result;
 use clap::Parser;
 
-/// mimalloc, not glibc malloc: allocation was a fifth of the router's CPU
-/// under load (README "Dependencies").
+/// mimalloc, not glibc malloc, as in the router, where glibc's allocator
+/// was a fifth of the CPU under load (README "Dependencies"); the A/B pairs
+/// measured both binaries switched together.
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

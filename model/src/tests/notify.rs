@@ -200,14 +200,20 @@ fn no_notification_for_a_user_the_leader_saw_online_or_without_a_webhook() {
     assert_eq!(row.preview.map(|p| p.text), Some("no webhook".into()));
 }
 
+/// The key of `b`'s feed row of `d`, and the shard holding it.
+fn feed_row_at(w: &World, b: &str, d: &str) -> (usize, Vec<u8>) {
+    let user = crate::ids::Id::parse(b, "b").unwrap();
+    let conv = crate::ids::Id::parse(d, "d").unwrap();
+    (
+        w.shard_for(&crate::user_route_key(b)),
+        crate::keys::feed(&user, &conv),
+    )
+}
+
 /// Bob's stored feed row of `d`, as his shard holds it.
 fn stored_row(w: &World, b: &str, d: &str) -> pb::FeedEntry {
-    let (user, conv) = (
-        crate::ids::Id::parse(b, "b").unwrap(),
-        crate::ids::Id::parse(d, "d").unwrap(),
-    );
-    let kv = &w.shards[w.shard_for(&crate::user_route_key(b))];
-    crate::codec::get::<pb::FeedEntry>(kv, &crate::keys::feed(&user, &conv))
+    let (shard, key) = feed_row_at(w, b, d);
+    crate::codec::get::<pb::FeedEntry>(&w.shards[shard], &key)
         .unwrap()
         .expect("bob's feed row")
 }
@@ -250,11 +256,7 @@ fn a_feed_row_says_whether_a_notification_may_be_pending_and_answers_never_do() 
     assert_eq!(pending(&w, &b).len(), 1);
     let mut legacy = stored_row(&w, &b, &d);
     legacy.notification_pending = None;
-    let shard = w.shard_for(&crate::user_route_key(&b));
-    let key = crate::keys::feed(
-        &crate::ids::Id::parse(&b, "b").unwrap(),
-        &crate::ids::Id::parse(&d, "d").unwrap(),
-    );
+    let (shard, key) = feed_row_at(&w, &b, &d);
     crate::codec::put(&mut w.shards[shard], &key, &legacy);
     w.online = vec![b.clone()];
     w.send(&d, &a, "seen live");
