@@ -3,9 +3,9 @@
 use anyhow::Result;
 use clap::Parser;
 
-/// mimalloc, not glibc malloc, as in the router, where glibc's allocator
-/// was a fifth of the CPU under load (README "Dependencies"); the A/B pairs
-/// measured both binaries switched together.
+/// mimalloc, not glibc malloc (README "Dependencies"): measured together
+/// with the router's switch, which was reverted for memory; the node's
+/// share alone is not yet measured.
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
