@@ -3,12 +3,6 @@
 use anyhow::Result;
 use clap::Parser;
 
-/// mimalloc, not glibc malloc (README "Dependencies"): measured together
-/// with the router's switch, which was reverted for memory; the node's
-/// share alone is not yet measured.
-#[global_allocator]
-static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 fn main() -> Result<()> {
     let flags = natter_node::config::Flags::parse();
     let cfg = natter_node::config::Config::load(flags)?;

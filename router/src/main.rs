@@ -9,7 +9,7 @@ use tracing_subscriber::EnvFilter;
 // glibc's allocator, not mimalloc: with mimalloc a flood of 12 KB pushes to
 // slow readers grew the router's RSS by 31-53 MiB instead of ~8 (the
 // router test of a client that never reads), though it saved a third of
-// the router's CPU per send (README "Dependencies").
+// the router's CPU per send (README, table of 64ce8cd).
 
 #[tokio::main]
 async fn main() -> Result<()> {
