@@ -47,6 +47,12 @@ fn allowed(kv: &dyn KvRead, user: &Id, kind: i32) -> Res<bool> {
     })
 }
 
+/// Whether a notification of this feed row may be pending: unless the row
+/// says none is (rows written before the field existed may have one).
+fn may_have_pending(e: &pb::FeedEntry) -> bool {
+    e.notification_pending != Some(false)
+}
+
 /// Called for every feed row `ApplyFeedUpdates` writes, before it is
 /// written: enqueues a notification when the update brings a new message
 /// the user should hear about (see the module docs), unless `quiet` (the
@@ -64,7 +70,7 @@ pub(crate) fn on_feed_update(
     quiet: bool,
 ) -> Res<bool> {
     let Some(u) = &new.conversation else {
-        return Ok(old.is_some_and(|o| o.notification_pending != Some(false)));
+        return Ok(old.is_some_and(may_have_pending));
     };
     let visible = !(u.hidden || u.removed || u.deleted);
     let preview_seq = u.preview.as_ref().map(|p| p.seq);
@@ -79,7 +85,7 @@ pub(crate) fn on_feed_update(
     // usual case (the user was online, or there is no webhook): the lookup
     // would miss.
     let old_seq = old
-        .filter(|o| o.notification_pending != Some(false))
+        .filter(|o| may_have_pending(o))
         .and_then(|o| o.conversation.as_ref())
         .and_then(|c| c.preview.as_ref())
         .map(|p| p.seq);

@@ -10,7 +10,6 @@ use tracing_subscriber::EnvFilter;
 // slow readers grew the router's RSS by 31-53 MiB instead of ~8 (the
 // router test of a client that never reads), though it saved a third of
 // the router's CPU per send (README, table of 64ce8cd).
-
 #[tokio::main]
 async fn main() -> Result<()> {
     let config = Config::load(Flags::parse())?;
